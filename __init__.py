@@ -1,0 +1,3 @@
+"""migrateflow: move virtual machines between compute hosts with durable TaskFlow flows."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,196 @@
+"""The Python API a cloud controller embeds.
+
+Requests are validated against the state database before anything
+changes: a refused request raises a ``migrateflow.exceptions`` error
+naming the reason and leaves every record as it was.  An accepted request
+claims its instance (compare-and-swap on task_state), records a migration
+and runs the flow; the returned migration record tells how it ended.
+"""
+import logging
+import threading
+
+from taskflow import exceptions as tf_exc
+
+from migrateflow import engine
+from migrateflow import exceptions as exc
+from migrateflow import scheduler
+from migrateflow.conf import CONF
+from migrateflow.db import api as db_api
+from migrateflow.flows import live_migration
+from migrateflow.keys import StoreKey
+from migrateflow.states import LIVE_TERMINAL, MigrationType, PowerState, TaskState, VmState
+from migrateflow.states import LiveMigrationStatus as Status
+
+LOG = logging.getLogger(__name__)
+
+_ABORTABLE = (Status.QUEUED, Status.PREPARING, Status.RUNNING)
+
+
+class MigrationAPI:
+    """Operations on instances and migrations of one state database."""
+
+    def __init__(self, conf=CONF, listeners=()):
+        """``listeners``: TaskFlow listener factories attached to every flow
+        this API runs (called with the engine)."""
+        self.conf = conf
+        self.listeners = tuple(listeners)
+        self._threads = {}
+
+    @property
+    def db(self):
+        return db_api.get_db(self.conf)
+
+    # -- live migration -------------------------------------------------------
+    def live_migrate(self, instance_id, host=None, block_migration=None, wait=True):
+        """Live-migrate ``instance_id`` to ``host`` (or the best candidate).
+
+        ``block_migration``: True / False, or None to decide from shared
+        storage.  With ``wait`` the flow runs in this thread and the final
+        migration record is returned; otherwise it runs in a background
+        thread and the queued record is returned at once: poll
+        ``show_migration`` and call ``wait`` (the interpreter also waits for
+        running flows before it exits).
+        """
+        mig, store = self._accept_live_migration(instance_id, host, block_migration)
+        if not wait:
+            thread = threading.Thread(target=self._run_quietly, name=f"lm-{mig['uuid']}",
+                                      args=(live_migration.build, store, mig["uuid"]))
+            self._threads[mig["uuid"]] = thread
+            thread.start()
+            return mig
+        self._run_quietly(live_migration.build, store, mig["uuid"])
+        return self.db.get_migration(mig["uuid"])
+
+    def _accept_live_migration(self, instance_id, host, block_migration):
+        db = self.db
+        if host is not None:
+            scheduler.validate_host_name(host)
+        inst = db.get_instance(instance_id)
+        if inst["task_state"] is not None:
+            raise exc.InstanceBusy(
+                f"instance {instance_id} is busy: task_state is {inst['task_state']!r}")
+        if inst["vm_state"] != VmState.ACTIVE or inst["power_state"] != PowerState.RUNNING:
+            raise exc.InstanceInvalidState(
+                f"instance {instance_id} must be active and running to live-migrate, "
+                f"it is {inst['vm_state']}/{inst['power_state']}")
+        source = db.get_host(inst["host"])
+        scheduler.check_host_usable(source, "source")
+        candidates, refused = self._candidates(inst, source, host, block_migration)
+        mig = db.start_migration(
+            instance_id, migration_type=MigrationType.LIVE, task_state=TaskState.MIGRATING,
+            source_host=source["name"], requested_dest=host, block_migration=block_migration,
+            memory_total_mb=inst["memory_mb"], scheduler_notes=refused)
+        store = {
+            StoreKey.MIGRATION_ID: mig["uuid"],
+            StoreKey.INSTANCE_ID: instance_id,
+            StoreKey.SOURCE_HOST: source["name"],
+            StoreKey.CANDIDATES: candidates,
+            StoreKey.BLOCK_MIGRATION: block_migration,
+        }
+        LOG.info("live migration accepted migration=%s instance=%s source=%s candidates=%s",
+                 mig["uuid"], instance_id, source["name"], ",".join(map(str, candidates)))
+        return mig, store
+
+    def _candidates(self, inst, source, host, block_migration):
+        """(destinations to try, {refused host: reason}); raises the precise
+        reason for a requested host, NoValidHost when none is left."""
+        if host is not None:
+            dest = self.db.get_host(host)
+            scheduler.check_destination(inst, source, dest)
+            scheduler.check_storage(inst, source, dest, block_migration)
+            return [host], {}
+        hosts = [h for h in self.db.list_hosts() if h["name"] != source["name"]]
+        usable, refused = [], {}
+        for dest in hosts:
+            try:
+                scheduler.check_destination(inst, source, dest)
+                scheduler.check_storage(inst, source, dest, block_migration)
+            except exc.MigrateflowError as err:
+                refused[dest["name"]] = err.message
+            else:
+                usable.append(dest)
+        names = scheduler.candidate_hosts(inst, source, usable,
+                                          self.conf.migrate_max_retries)
+        if not names:
+            detail = "; ".join(f"{h}: {r}" for h, r in refused.items()) or "no other hosts"
+            raise exc.NoValidHost(f"no valid host for instance {inst['uuid']}: {detail}")
+        # None closes the list: the flow reports NoValidHost with the reasons
+        return names + [None], refused
+
+    def _run_quietly(self, factory, store, migration_id):
+        try:
+            engine.run(factory, store, migration_id, listeners=self.listeners)
+        except Exception as err:  # noqa: BLE001 - the record carries the outcome
+            LOG.info("migration=%s ended with %s: %s", migration_id, type(err).__name__, err)
+
+    # -- operator actions on a running migration ------------------------------
+    def abort(self, migration_id):
+        """Ask a live migration to stop; its rollback leaves the guest on the
+        source and the migration ``cancelled``."""
+        mig = self.db.get_migration(migration_id)
+        if mig["post_copy"] or mig["status"] not in _ABORTABLE:
+            raise exc.InvalidMigrationState(
+                f"migration {migration_id} is {mig['status']}"
+                f"{' in post-copy' if mig['post_copy'] else ''}: it can no longer be aborted")
+        if not self.db.update_migration(migration_id, expected_statuses=_ABORTABLE,
+                                        abort_requested=True):
+            raise exc.InvalidMigrationState(f"migration {migration_id} just ended")
+        return self.db.get_migration(migration_id)
+
+    def force_complete(self, migration_id):
+        """Ask a running live migration to finish now (post-copy when
+        permitted, else pause the guest so the copy converges)."""
+        mig = self.db.get_migration(migration_id)
+        if mig["status"] != Status.RUNNING:
+            raise exc.InvalidMigrationState(
+                f"migration {migration_id} is {mig['status']}; only a running "
+                "migration can be forced to complete")
+        self.db.update_migration(migration_id, expected_statuses=[Status.RUNNING],
+                                 force_complete_requested=True)
+        return self.db.get_migration(migration_id)
+
+    def resume(self, migration_id):
+        """Continue an interrupted migration's flow from its last step."""
+        mig = self.db.get_migration(migration_id)
+        if mig["status"] in LIVE_TERMINAL:
+            return mig
+        try:
+            engine.resume(migration_id, listeners=self.listeners)
+        except Exception as err:  # noqa: BLE001 - the record carries the outcome
+            LOG.info("migration=%s resume ended with %s", migration_id, err)
+        return self.db.get_migration(migration_id)
+
+    def wait(self, migration_id, timeout=None):
+        """Wait for a flow started with ``wait=False`` to end; returns the
+        migration record (still running if ``timeout`` elapsed)."""
+        thread = self._threads.get(migration_id)
+        if thread is not None:
+            thread.join(timeout)
+            if not thread.is_alive():
+                self._threads.pop(migration_id, None)
+        return self.db.get_migration(migration_id)
+
+    # -- queries --------------------------------------------------------------
+    def flow_steps(self, migration_id):
+        """[(step name, TaskFlow state)] of the migration's persisted flow,
+        in the order the flow runs them; [] when nothing was persisted."""
+        mig = self.db.get_migration(migration_id)
+        if not mig["flow_uuid"]:
+            return []
+        factory = {MigrationType.LIVE: live_migration.build}.get(mig["migration_type"])
+        try:
+            return engine.flow_atoms(mig["flow_uuid"], factory)
+        except tf_exc.NotFound:
+            return []
+
+    def list_migrations(self, instance_id=None, status=None):
+        return self.db.list_migrations(instance_uuid=instance_id, status=status)
+
+    def show_migration(self, migration_id):
+        return self.db.get_migration(migration_id)
+
+    def list_hosts(self):
+        return self.db.list_hosts()
+
+    def list_instances(self, host=None):
+        return self.db.list_instances(host=host)

@@ -1,0 +1,26 @@
+"""[persistence] options: where TaskFlow keeps flow and atom details."""
+from oslo_config import cfg
+
+GROUP = cfg.OptGroup("persistence", title="Flow persistence")
+
+OPTS = [
+    cfg.StrOpt("backend", default="sql", choices=["sql", "memory"],
+               help="sql: flow details live in the state database (durable, "
+                    "resumable); memory: nothing survives the process."),
+    cfg.StrOpt("connection", secret=True,
+               help="SQLAlchemy URL of the flow database; unset uses "
+                    "[database]/connection, the service's own database."),
+    cfg.StrOpt("sqlite_synchronous", default="NORMAL",
+               choices=["OFF", "NORMAL", "FULL"],
+               help="SQLite synchronous pragma (with WAL): NORMAL survives a "
+                    "process crash, FULL also a power loss."),
+]
+
+
+def register_opts(conf):
+    conf.register_group(GROUP)
+    conf.register_opts(OPTS, group=GROUP)
+
+
+def list_opts():
+    return [(GROUP, OPTS)]

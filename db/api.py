@@ -1,0 +1,222 @@
+"""The state database: hosts, instances, migrations, claims, ports, volumes.
+
+Every function is one transaction.  Changes that race (claiming an
+instance, claiming host resources, moving an instance) are conditional
+UPDATEs whose row count decides the winner, so they are safe across
+threads and processes on SQLite, PostgreSQL and MariaDB alike.
+"""
+import json
+import os
+import uuid as uuidlib
+
+from migrateflow import exceptions as exc
+from migrateflow.db import attachments, moves
+from migrateflow.db import engine as db_engine
+from migrateflow.db import models as m
+from migrateflow.db.common import now as _now, retry as _retry, row as _row
+
+class _Ctx:
+    """A fresh request context for each enginefacade transaction."""
+
+
+def _host_dict(row):
+    host = _row(row)
+    if host is not None:
+        host["cpu_features"] = json.loads(host["cpu_features"])
+    return host
+
+
+class StateDB(moves.MigrationRecords, attachments.Attachments):
+    """Access to one state database (by URL)."""
+
+    def __init__(self, url, synchronous="NORMAL"):
+        self.url = url
+        self._ctx = db_engine.get_context(url, synchronous)
+
+    # -- plumbing -------------------------------------------------------------
+    def _writer(self):
+        return self._ctx.writer.connection.using(_Ctx())
+
+    def _reader(self):
+        return self._ctx.reader.connection.using(_Ctx())
+
+    @property
+    def engine(self):
+        return self._ctx.writer.get_engine()
+
+    def _fetch_one(self, query):
+        with self._reader() as conn:
+            return conn.execute(query).first()
+
+    def _fetch_all(self, query):
+        with self._reader() as conn:
+            return [_row(r) for r in conn.execute(query)]
+
+    # -- hosts ------------------------------------------------------------------
+    @_retry
+    def create_host(self, name, *, hypervisor_type, hypervisor_version, cpu_model,
+                    cpu_features=(), vcpus, memory_mb, disk_gb, shared_storage=None,
+                    memory_reserved_mb=0, up=True, disabled=False):
+        now = _now()
+        with self._writer() as conn:
+            conn.execute(m.hosts.insert().values(
+                name=name, hypervisor_type=hypervisor_type,
+                hypervisor_version=hypervisor_version, cpu_model=cpu_model,
+                cpu_features=json.dumps(sorted(cpu_features)), vcpus=vcpus,
+                vcpus_used=0, memory_mb=memory_mb, memory_reserved_mb=memory_reserved_mb,
+                memory_used_mb=0, disk_gb=disk_gb, disk_used_gb=0,
+                shared_storage=shared_storage, up=up, forced_down=False,
+                disabled=disabled, created_at=now, updated_at=now))
+        return self.get_host(name)
+
+    def get_host(self, name):
+        host = _host_dict(self._fetch_one(m.hosts.select().where(m.hosts.c.name == name)))
+        if host is None:
+            raise exc.HostNotFound(name)
+        return host
+
+    def find_host(self, name):
+        return _host_dict(self._fetch_one(m.hosts.select().where(m.hosts.c.name == name)))
+
+    def list_hosts(self):
+        with self._reader() as conn:
+            rows = conn.execute(m.hosts.select().order_by(m.hosts.c.name))
+            return [_host_dict(r) for r in rows]
+
+    @_retry
+    def update_host(self, name, **values):
+        values["updated_at"] = _now()
+        with self._writer() as conn:
+            res = conn.execute(m.hosts.update().where(m.hosts.c.name == name).values(**values))
+        if res.rowcount != 1:
+            raise exc.HostNotFound(name)
+
+    # -- instances --------------------------------------------------------------
+    @_retry
+    def create_instance(self, *, name, host, flavor_name, memory_mb, vcpus, disk_gb,
+                        volume_ids=(), port_count=1, volume_backed=False,
+                        project_id="demo", uuid=None, vm_state="active",
+                        power_state="running"):
+        """Record an instance running on ``host`` with its ports and volumes.
+
+        The host's usage grows by the flavor (refused when it does not fit);
+        each port gets an ACTIVE binding and each volume a connection on the
+        host.
+        """
+        now = _now()
+        instance_uuid = uuid or str(uuidlib.uuid4())
+        local_disk = 0 if volume_backed else disk_gb
+        with self._writer() as conn:
+            self._consume(conn, host, memory_mb, vcpus, local_disk)
+            conn.execute(m.instances.insert().values(
+                uuid=instance_uuid, name=name, project_id=project_id, host=host,
+                vm_state=vm_state, task_state=None, power_state=power_state,
+                flavor_name=flavor_name, memory_mb=memory_mb, vcpus=vcpus,
+                disk_gb=disk_gb, volume_backed=volume_backed, image_ref=None,
+                created_at=now, updated_at=now))
+            for index in range(port_count):
+                port_id = str(uuidlib.uuid4())
+                mac = "fa:16:3e:%02x:%02x:%02x" % tuple(uuidlib.uuid4().bytes[:3])
+                conn.execute(m.ports.insert().values(
+                    id=port_id, instance_uuid=instance_uuid, network_id=f"net-{index}",
+                    mac=mac, created_at=now, updated_at=now))
+                conn.execute(m.port_bindings.insert().values(
+                    port_id=port_id, host=host, status="ACTIVE", created_at=now,
+                    updated_at=now))
+            for index, volume_id in enumerate(volume_ids):
+                conn.execute(m.block_devices.insert().values(
+                    instance_uuid=instance_uuid, volume_id=volume_id,
+                    device_name="/dev/vd" + "abcdefghijklmnop"[index],
+                    boot_index=0 if (volume_backed and index == 0) else None,
+                    created_at=now, updated_at=now))
+                conn.execute(m.volume_connections.insert().values(
+                    volume_id=volume_id, instance_uuid=instance_uuid, host=host,
+                    connection_info=json.dumps({"target": f"iqn.{volume_id}"}),
+                    created_at=now, updated_at=now))
+        return self.get_instance(instance_uuid)
+
+    def _consume(self, conn, host, memory_mb, vcpus, disk_gb):
+        """Add usage to ``host`` only if it fits; else InsufficientResources."""
+        h = m.hosts.c
+        res = conn.execute(m.hosts.update().where(
+            h.name == host,
+            h.memory_mb - h.memory_reserved_mb - h.memory_used_mb >= memory_mb,
+            h.disk_gb - h.disk_used_gb >= disk_gb,
+        ).values(memory_used_mb=h.memory_used_mb + memory_mb,
+                 vcpus_used=h.vcpus_used + vcpus,
+                 disk_used_gb=h.disk_used_gb + disk_gb, updated_at=_now()))
+        if res.rowcount == 1:
+            return
+        row = conn.execute(m.hosts.select().where(h.name == host)).first()
+        if row is None:
+            raise exc.HostNotFound(host)
+        free_mem = row.memory_mb - row.memory_reserved_mb - row.memory_used_mb
+        raise exc.InsufficientResources(
+            f"host {host} cannot hold {memory_mb} MB memory and {disk_gb} GB disk: "
+            f"{free_mem} MB memory and {row.disk_gb - row.disk_used_gb} GB disk free")
+
+    @staticmethod
+    def _release(conn, host, memory_mb, vcpus, disk_gb):
+        h = m.hosts.c
+        conn.execute(m.hosts.update().where(h.name == host).values(
+            memory_used_mb=h.memory_used_mb - memory_mb,
+            vcpus_used=h.vcpus_used - vcpus,
+            disk_used_gb=h.disk_used_gb - disk_gb, updated_at=_now()))
+
+    def get_instance(self, instance_uuid):
+        inst = _row(self._fetch_one(
+            m.instances.select().where(m.instances.c.uuid == instance_uuid)))
+        if inst is None:
+            raise exc.InstanceNotFound(instance_uuid)
+        return inst
+
+    def list_instances(self, host=None):
+        query = m.instances.select().order_by(m.instances.c.name)
+        if host is not None:
+            query = query.where(m.instances.c.host == host)
+        return self._fetch_all(query)
+
+    @_retry
+    def update_instance(self, instance_uuid, expected=None, **values):
+        """Update an instance; with ``expected`` only if those columns match.
+
+        Returns True when the row changed (the compare-and-swap won).
+        """
+        values["updated_at"] = _now()
+        query = m.instances.update().where(m.instances.c.uuid == instance_uuid)
+        for column, value in (expected or {}).items():
+            col = m.instances.c[column]
+            query = query.where(col.is_(None) if value is None else col == value)
+        with self._writer() as conn:
+            return conn.execute(query.values(**values)).rowcount == 1
+
+
+_databases = {}
+
+
+def get_db(conf=None):
+    """The state database named by ``[database]/connection`` (cached)."""
+    if conf is None:
+        from migrateflow.conf import CONF as conf
+    url = conf.database.connection
+    if not url:
+        url = "sqlite:///" + os.path.join(os.path.abspath(conf.state_path), "state.sqlite")
+    db = _databases.get(url)
+    if db is None:
+        db = StateDB(url, conf.persistence.sqlite_synchronous)
+        from migrateflow.db import migration
+        if migration.current_revision(db.engine) != migration.head_revision():
+            migration.upgrade(db.engine)
+        _databases[url] = db
+    return db
+
+
+def forget_db(url):
+    _databases.pop(url, None)
+    db_engine.forget(url)
+
+
+def instance_to_driver(inst):
+    """The plain dict a driver gets for an instance."""
+    return {k: inst[k] for k in ("uuid", "name", "memory_mb", "vcpus", "disk_gb",
+                                 "volume_backed")}

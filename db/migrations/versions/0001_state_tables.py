@@ -1,0 +1,131 @@
+"""State tables: hosts, instances, block devices, volume connections, ports,
+port bindings, migrations, resource claims.
+
+Revision ID: 0001
+Revises:
+"""
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0001"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+
+def _ts():
+    return [sa.Column("created_at", sa.Float, nullable=False),
+            sa.Column("updated_at", sa.Float, nullable=False)]
+
+
+def _id():
+    return sa.Column("id", sa.Integer, primary_key=True, autoincrement=True)
+
+
+def upgrade():
+    op.create_table(
+        "hosts", _id(),
+        sa.Column("name", sa.String(255), nullable=False, unique=True),
+        sa.Column("hypervisor_type", sa.String(64), nullable=False),
+        sa.Column("hypervisor_version", sa.BigInteger, nullable=False),
+        sa.Column("cpu_model", sa.String(64), nullable=False),
+        sa.Column("cpu_features", sa.Text, nullable=False),
+        sa.Column("vcpus", sa.Integer, nullable=False),
+        sa.Column("vcpus_used", sa.Integer, nullable=False),
+        sa.Column("memory_mb", sa.Integer, nullable=False),
+        sa.Column("memory_reserved_mb", sa.Integer, nullable=False),
+        sa.Column("memory_used_mb", sa.Integer, nullable=False),
+        sa.Column("disk_gb", sa.Integer, nullable=False),
+        sa.Column("disk_used_gb", sa.Integer, nullable=False),
+        sa.Column("shared_storage", sa.String(255), nullable=True),
+        sa.Column("up", sa.Boolean, nullable=False),
+        sa.Column("forced_down", sa.Boolean, nullable=False),
+        sa.Column("disabled", sa.Boolean, nullable=False),
+        sa.Column("disabled_reason", sa.String(255), nullable=True),
+        *_ts())
+    op.create_table(
+        "instances", _id(),
+        sa.Column("uuid", sa.String(36), nullable=False, unique=True),
+        sa.Column("name", sa.String(255), nullable=False),
+        sa.Column("project_id", sa.String(255), nullable=False),
+        sa.Column("host", sa.String(255), nullable=True, index=True),
+        sa.Column("vm_state", sa.String(32), nullable=False),
+        sa.Column("task_state", sa.String(32), nullable=True),
+        sa.Column("power_state", sa.String(32), nullable=False),
+        sa.Column("flavor_name", sa.String(255), nullable=False),
+        sa.Column("memory_mb", sa.Integer, nullable=False),
+        sa.Column("vcpus", sa.Integer, nullable=False),
+        sa.Column("disk_gb", sa.Integer, nullable=False),
+        sa.Column("volume_backed", sa.Boolean, nullable=False),
+        sa.Column("image_ref", sa.String(255), nullable=True),
+        *_ts())
+    op.create_table(
+        "block_devices", _id(),
+        sa.Column("instance_uuid", sa.String(36), nullable=False, index=True),
+        sa.Column("volume_id", sa.String(36), nullable=False, unique=True),
+        sa.Column("device_name", sa.String(64), nullable=False),
+        sa.Column("boot_index", sa.Integer, nullable=True),
+        *_ts())
+    op.create_table(
+        "volume_connections", _id(),
+        sa.Column("volume_id", sa.String(36), nullable=False),
+        sa.Column("instance_uuid", sa.String(36), nullable=False, index=True),
+        sa.Column("host", sa.String(255), nullable=False),
+        sa.Column("migration_uuid", sa.String(36), nullable=True),
+        sa.Column("connection_info", sa.Text, nullable=False),
+        sa.UniqueConstraint("volume_id", "host", name="uniq_volume_connections0volume0host"),
+        *_ts())
+    op.create_table(
+        "ports",
+        sa.Column("id", sa.String(36), primary_key=True),
+        sa.Column("instance_uuid", sa.String(36), nullable=False, index=True),
+        sa.Column("network_id", sa.String(36), nullable=False),
+        sa.Column("mac", sa.String(17), nullable=False),
+        *_ts())
+    op.create_table(
+        "port_bindings", _id(),
+        sa.Column("port_id", sa.String(36), nullable=False, index=True),
+        sa.Column("host", sa.String(255), nullable=False),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("migration_uuid", sa.String(36), nullable=True),
+        sa.UniqueConstraint("port_id", "host", name="uniq_port_bindings0port0host"),
+        *_ts())
+    op.create_table(
+        "migrations", _id(),
+        sa.Column("uuid", sa.String(36), nullable=False, unique=True),
+        sa.Column("instance_uuid", sa.String(36), nullable=False, index=True),
+        sa.Column("migration_type", sa.String(32), nullable=False),
+        sa.Column("status", sa.String(32), nullable=False, index=True),
+        sa.Column("source_host", sa.String(255), nullable=False),
+        sa.Column("dest_host", sa.String(255), nullable=True),
+        sa.Column("requested_dest", sa.String(255), nullable=True),
+        sa.Column("block_migration", sa.Boolean, nullable=True),
+        sa.Column("memory_total_mb", sa.BigInteger, nullable=False),
+        sa.Column("memory_processed_mb", sa.BigInteger, nullable=False),
+        sa.Column("memory_remaining_mb", sa.BigInteger, nullable=False),
+        sa.Column("disk_total_gb", sa.BigInteger, nullable=False),
+        sa.Column("disk_processed_gb", sa.BigInteger, nullable=False),
+        sa.Column("disk_remaining_gb", sa.BigInteger, nullable=False),
+        sa.Column("dirty_rate_mbps", sa.Float, nullable=False),
+        sa.Column("iteration", sa.Integer, nullable=False),
+        sa.Column("downtime_ms", sa.Float, nullable=True),
+        sa.Column("post_copy", sa.Boolean, nullable=False),
+        sa.Column("current_step", sa.String(64), nullable=True),
+        sa.Column("failed_step", sa.String(64), nullable=True),
+        sa.Column("error", sa.Text, nullable=True),
+        sa.Column("scheduler_notes", sa.Text, nullable=False),
+        sa.Column("abort_requested", sa.Boolean, nullable=False),
+        sa.Column("force_complete_requested", sa.Boolean, nullable=False),
+        sa.Column("flow_uuid", sa.String(36), nullable=True),
+        sa.Column("finished_at", sa.Float, nullable=True),
+        *_ts())
+    op.create_table(
+        "resource_claims", _id(),
+        sa.Column("migration_uuid", sa.String(36), nullable=False),
+        sa.Column("instance_uuid", sa.String(36), nullable=False),
+        sa.Column("host", sa.String(255), nullable=False),
+        sa.Column("memory_mb", sa.Integer, nullable=False),
+        sa.Column("vcpus", sa.Integer, nullable=False),
+        sa.Column("disk_gb", sa.Integer, nullable=False),
+        sa.UniqueConstraint("migration_uuid", "host", name="uniq_resource_claims0migration0host"),
+        *_ts())

@@ -1,0 +1,200 @@
+"""State database: migration records, resource claims and the move of an
+instance's usage from one host to another (mixed into ``StateDB``)."""
+import json
+import uuid as uuidlib
+
+import sqlalchemy as sa
+
+from migrateflow import exceptions as exc
+from migrateflow.db import models as m
+from migrateflow.db.common import now as _now, retry as _retry, row as _row
+
+
+class MigrationRecords:
+    """Migrations and the resources they hold; needs StateDB's plumbing."""
+
+    # -- migrations -------------------------------------------------------------
+    @_retry
+    def start_migration(self, instance_uuid, *, migration_type, task_state, source_host,
+                        requested_dest=None, block_migration=None, status="queued",
+                        dest_host=None, memory_total_mb=0, disk_total_gb=0,
+                        scheduler_notes=None):
+        """Claim the instance (task_state None → ``task_state``) and record a
+        migration, in one transaction.  The loser of a race gets InstanceBusy.
+        """
+        now = _now()
+        migration_uuid = str(uuidlib.uuid4())
+        i = m.instances.c
+        with self._writer() as conn:
+            res = conn.execute(m.instances.update().where(
+                i.uuid == instance_uuid, i.task_state.is_(None), i.host == source_host,
+            ).values(task_state=task_state, updated_at=now))
+            if res.rowcount != 1:
+                row = conn.execute(m.instances.select().where(i.uuid == instance_uuid)).first()
+                if row is None:
+                    raise exc.InstanceNotFound(instance_uuid)
+                if row.task_state is not None:
+                    raise exc.InstanceBusy(
+                        f"instance {instance_uuid} is busy: task_state is "
+                        f"{row.task_state!r}; wait for that operation to end")
+                raise exc.InstanceInvalidState(
+                    f"instance {instance_uuid} is on host {row.host!r}, not {source_host!r}")
+            conn.execute(m.migrations.insert().values(
+                uuid=migration_uuid, instance_uuid=instance_uuid,
+                migration_type=migration_type, status=status, source_host=source_host,
+                dest_host=dest_host, requested_dest=requested_dest,
+                block_migration=block_migration, memory_total_mb=memory_total_mb,
+                memory_processed_mb=0, memory_remaining_mb=memory_total_mb,
+                disk_total_gb=disk_total_gb, disk_processed_gb=0, disk_remaining_gb=0,
+                dirty_rate_mbps=0.0, iteration=0, post_copy=False,
+                scheduler_notes=json.dumps(scheduler_notes or {}),
+                abort_requested=False, force_complete_requested=False,
+                created_at=now, updated_at=now))
+        return self.get_migration(migration_uuid)
+
+    def get_migration(self, migration_uuid):
+        mig = _row(self._fetch_one(
+            m.migrations.select().where(m.migrations.c.uuid == migration_uuid)))
+        if mig is None:
+            raise exc.MigrationNotFound(migration_uuid)
+        mig["scheduler_notes"] = json.loads(mig["scheduler_notes"] or "{}")
+        return mig
+
+    def list_migrations(self, instance_uuid=None, status=None, statuses=None):
+        query = m.migrations.select().order_by(m.migrations.c.created_at, m.migrations.c.id)
+        if instance_uuid is not None:
+            query = query.where(m.migrations.c.instance_uuid == instance_uuid)
+        if status is not None:
+            query = query.where(m.migrations.c.status == status)
+        if statuses is not None:
+            query = query.where(m.migrations.c.status.in_(list(statuses)))
+        rows = self._fetch_all(query)
+        for mig in rows:
+            mig["scheduler_notes"] = json.loads(mig["scheduler_notes"] or "{}")
+        return rows
+
+    @_retry
+    def update_migration(self, migration_uuid, expected_statuses=None, **values):
+        """Update a migration; with ``expected_statuses`` only from those.
+
+        Returns True when the row changed.
+        """
+        values["updated_at"] = _now()
+        query = m.migrations.update().where(m.migrations.c.uuid == migration_uuid)
+        if expected_statuses is not None:
+            query = query.where(m.migrations.c.status.in_(list(expected_statuses)))
+        with self._writer() as conn:
+            return conn.execute(query.values(**values)).rowcount == 1
+
+    @_retry
+    def finish_migration(self, migration_uuid, instance_uuid, status, expected_statuses,
+                         instance_values=None, **values):
+        """Release the instance (task_state None, plus ``instance_values``)
+        and give the migration its final status, in one transaction, so
+        nobody sees a finished migration whose instance is still busy.
+
+        Returns False (and changes nothing) when the migration was not in
+        one of ``expected_statuses``.
+        """
+        now = _now()
+        with self._writer() as conn:
+            res = conn.execute(m.migrations.update().where(
+                m.migrations.c.uuid == migration_uuid,
+                m.migrations.c.status.in_(list(expected_statuses)),
+            ).values(status=status, finished_at=now, updated_at=now, **values))
+            if res.rowcount != 1:
+                return False
+            conn.execute(m.instances.update().where(
+                m.instances.c.uuid == instance_uuid).values(
+                    task_state=None, updated_at=now, **(instance_values or {})))
+        return True
+
+    @_retry
+    def add_scheduler_note(self, migration_uuid, host, reason):
+        """Remember why ``host`` was refused (idempotent per host)."""
+        with self._writer() as conn:
+            row = conn.execute(sa.select(m.migrations.c.scheduler_notes).where(
+                m.migrations.c.uuid == migration_uuid)).first()
+            notes = json.loads(row.scheduler_notes or "{}") if row else {}
+            if notes.get(host) == reason:
+                return
+            notes[host] = reason
+            conn.execute(m.migrations.update().where(
+                m.migrations.c.uuid == migration_uuid).values(
+                    scheduler_notes=json.dumps(notes), updated_at=_now()))
+
+    # -- resource claims --------------------------------------------------------
+    @_retry
+    def claim_resources(self, migration_uuid, instance, host):
+        """Hold the instance's resources on ``host`` for the migration.
+
+        Idempotent: an existing claim of this migration on this host is kept.
+        """
+        local_disk = 0 if instance["volume_backed"] else instance["disk_gb"]
+        c = m.resource_claims.c
+        with self._writer() as conn:
+            existing = conn.execute(sa.select(c.id).where(
+                c.migration_uuid == migration_uuid, c.host == host)).first()
+            if existing is not None:
+                return False
+            self._consume(conn, host, instance["memory_mb"], instance["vcpus"], local_disk)
+            now = _now()
+            conn.execute(m.resource_claims.insert().values(
+                migration_uuid=migration_uuid, instance_uuid=instance["uuid"], host=host,
+                memory_mb=instance["memory_mb"], vcpus=instance["vcpus"],
+                disk_gb=local_disk, created_at=now, updated_at=now))
+        return True
+
+    @_retry
+    def drop_claim(self, migration_uuid, host):
+        """Give the claimed resources back (idempotent)."""
+        c = m.resource_claims.c
+        with self._writer() as conn:
+            claim = conn.execute(m.resource_claims.select().where(
+                c.migration_uuid == migration_uuid, c.host == host)).first()
+            if claim is None:
+                return False
+            conn.execute(m.resource_claims.delete().where(c.id == claim.id))
+            self._release(conn, host, claim.memory_mb, claim.vcpus, claim.disk_gb)
+        return True
+
+    def list_claims(self, host=None, migration_uuid=None):
+        query = m.resource_claims.select().order_by(m.resource_claims.c.id)
+        if host is not None:
+            query = query.where(m.resource_claims.c.host == host)
+        if migration_uuid is not None:
+            query = query.where(m.resource_claims.c.migration_uuid == migration_uuid)
+        return self._fetch_all(query)
+
+    @_retry
+    def move_instance(self, migration_uuid, instance_uuid, source, dest, **values):
+        """Record that the instance now runs on ``dest``.
+
+        The destination claim becomes the instance's usage there and the
+        source's usage is released.  Idempotent: once the instance is on
+        ``dest`` nothing changes.
+        """
+        i = m.instances.c
+        c = m.resource_claims.c
+        now = _now()
+        with self._writer() as conn:
+            res = conn.execute(m.instances.update().where(
+                i.uuid == instance_uuid, i.host == source).values(
+                    host=dest, updated_at=now, **values))
+            if res.rowcount != 1:
+                return False
+            inst = conn.execute(m.instances.select().where(i.uuid == instance_uuid)).first()
+            claim = conn.execute(m.resource_claims.select().where(
+                c.migration_uuid == migration_uuid, c.host == dest)).first()
+            if claim is not None:
+                conn.execute(m.resource_claims.delete().where(c.id == claim.id))
+            else:
+                local_disk = 0 if inst.volume_backed else inst.disk_gb
+                h = m.hosts.c
+                conn.execute(m.hosts.update().where(h.name == dest).values(
+                    memory_used_mb=h.memory_used_mb + inst.memory_mb,
+                    vcpus_used=h.vcpus_used + inst.vcpus,
+                    disk_used_gb=h.disk_used_gb + local_disk, updated_at=now))
+            local_disk = 0 if inst.volume_backed else inst.disk_gb
+            self._release(conn, source, inst.memory_mb, inst.vcpus, local_disk)
+        return True

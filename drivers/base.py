@@ -1,0 +1,162 @@
+"""The hypervisor driver contract, built on Nova's method pairs.
+
+Every argument and result is plain JSON data (dicts, lists, str, int, bool),
+so results can sit in a flow's persisted store.  Hosts are named by their
+host name; an *instance* argument is the dict made by
+``migrateflow.db.api.instance_to_driver`` with at least::
+
+    {"uuid", "name", "memory_mb", "vcpus", "disk_gb", "volume_backed"}
+
+Every method is idempotent: a crashed controller re-runs the interrupted
+step, so a method first looks at the real state and does only what is
+missing.  Expected errors are subclasses of ``migrateflow.exceptions``.
+
+Pairs (one undoes or ends the other):
+
+* check_can_live_migrate_destination / cleanup_live_migration_destination_check
+* check_can_live_migrate_source (read-only)
+* pre_live_migration / rollback_live_migration_at_destination
+* live_migration (start) / live_migration_abort, live_migration_force_complete
+* post_live_migration_at_source, post_live_migration_at_destination
+"""
+import abc
+
+
+class MigrationJob(dict):
+    """State of a live-migration job as seen on the source host.
+
+    Keys: ``status`` (``running``, ``completed``, ``failed``, ``cancelled``),
+    ``memory_total_mb``, ``memory_processed_mb``, ``memory_remaining_mb``,
+    ``dirty_rate_mbps``, ``iteration``, ``time_elapsed`` (seconds of the
+    job's own clock), ``downtime_ms`` (set when completed), ``post_copy``
+    (True once switched), ``throttle_pct`` (auto-converge), ``error``.
+    """
+
+
+class ComputeDriver(abc.ABC):
+    """A hypervisor reached by host name."""
+
+    # -- host facts -------------------------------------------------------
+    @abc.abstractmethod
+    def get_host_info(self, host):
+        """Return {hypervisor_type, hypervisor_version (int), cpu_model,
+        cpu_features (list), memory_mb, memory_free_mb, disk_gb,
+        disk_free_gb}.  Raises HostNotFound."""
+
+    @abc.abstractmethod
+    def compare_cpu(self, host, source_cpu):
+        """Raise CPUIncompatible unless ``host`` can run a guest started on a
+        CPU described by ``source_cpu`` ({cpu_model, cpu_features})."""
+
+    @abc.abstractmethod
+    def get_guest(self, host, instance_uuid):
+        """Return {uuid, name, state, persistent} of the guest on ``host``,
+        or None when the host has no such guest.  ``state`` is one of
+        migrateflow.states.PowerState."""
+
+    @abc.abstractmethod
+    def list_guests(self, host):
+        """Return the guests of ``host`` as get_guest dicts."""
+
+    # -- checks ---------------------------------------------------------------
+    @abc.abstractmethod
+    def check_can_live_migrate_destination(self, dest, instance, source_host_info,
+                                           block_migration):
+        """Run on the destination: CPU compatibility against the source, a
+        shared-storage probe file in the instances directory, free disk for
+        block migration.  Returns dest_check_data {dest, probe_file,
+        disk_available_gb, block_migration}.  Raises MigrationPreCheckError
+        subclasses."""
+
+    @abc.abstractmethod
+    def cleanup_live_migration_destination_check(self, dest, instance, dest_check_data):
+        """Remove the probe file made by the destination check.
+
+        ``dest_check_data`` may be None when the check's reply was lost (it
+        failed after making the probe): the probe of ``instance`` is found
+        by its name, which is derived from the instance uuid."""
+
+    @abc.abstractmethod
+    def check_can_live_migrate_source(self, source, instance, dest_check_data):
+        """Run on the source: is the probe file visible (shared instance
+        path)?  Decide block migration when it was not requested; refuse
+        block migration on shared storage (InvalidSharedStorage) and a
+        non-block migration without shared storage for an instance that is
+        not volume-backed (InvalidLocalStorage).  Returns migrate_data
+        {source, dest, block_migration, is_shared_instance_path}."""
+
+    # -- destination preparation -------------------------------------------
+    @abc.abstractmethod
+    def pre_live_migration(self, dest, instance, block_device_info, network_info,
+                           migrate_data):
+        """On the destination: make the instance directory (unless shared),
+        connect the volumes to the hypervisor, plug the VIFs into the
+        integration bridge.  Returns migrate_data (possibly extended)."""
+
+    @abc.abstractmethod
+    def rollback_live_migration_at_destination(self, dest, instance, block_device_info,
+                                               network_info, migrate_data):
+        """Undo pre_live_migration and any partial guest on the destination:
+        destroy and undefine a destination guest that is not the only running
+        copy, unplug VIFs, disconnect volumes, remove the instance directory
+        unless shared."""
+
+    # -- the move -----------------------------------------------------------
+    @abc.abstractmethod
+    def live_migration(self, source, instance, dest, migrate_data, params):
+        """Start copying the running guest from ``source`` to ``dest``.
+
+        Returns at once; the job runs on the hypervisors and is watched with
+        get_migration_job.  ``params``: {bandwidth_mbps (0: default),
+        downtime_ms, auto_converge, post_copy (permitted)}.  If a job for the
+        instance already runs, or the guest already runs on ``dest``, does
+        nothing (re-attach)."""
+
+    @abc.abstractmethod
+    def get_migration_job(self, source, instance):
+        """Return the MigrationJob of the instance's migration from source,
+        or None when the source has no job for it (never started, or ended
+        and forgotten)."""
+
+    @abc.abstractmethod
+    def live_migration_set_downtime(self, source, instance, downtime_ms):
+        """Raise the maximum downtime of the running job."""
+
+    @abc.abstractmethod
+    def live_migration_abort(self, source, instance):
+        """Cancel the running job; the guest keeps running on the source.
+        No job: nothing to do.  After the switch to post-copy it cannot be
+        aborted: raises InvalidMigrationState."""
+
+    @abc.abstractmethod
+    def live_migration_force_complete(self, source, instance):
+        """Make the job finish now: switch to post-copy when the job was
+        started with post_copy permitted, else pause the guest so the copy
+        converges."""
+
+    # -- after the guest runs on the destination -------------------------------
+    @abc.abstractmethod
+    def post_live_migration_at_source(self, source, instance, block_device_info,
+                                      network_info):
+        """On the source: disconnect the volumes, unplug the VIFs, undefine
+        any leftover guest definition.  Never touches the destination."""
+
+    @abc.abstractmethod
+    def post_live_migration_at_destination(self, dest, instance, network_info,
+                                           block_migration):
+        """On the destination: make the guest definition persistent and
+        running there.  Returns the guest's power state."""
+
+    @abc.abstractmethod
+    def cleanup(self, host, instance, destroy_disks):
+        """Release what the instance left on ``host`` (instance directory and
+        local disks when ``destroy_disks``), after it moved away."""
+
+    # -- lifecycle used to build clouds and by later operations --------------
+    @abc.abstractmethod
+    def spawn(self, host, instance, network_info, block_device_info):
+        """Create and start the guest on ``host`` (idempotent)."""
+
+    @abc.abstractmethod
+    def destroy(self, host, instance, destroy_disks=True):
+        """Stop and undefine the guest on ``host`` (idempotent)."""

@@ -1,0 +1,471 @@
+"""FakeDriver: deterministic model hypervisors shared by several processes.
+
+All state (hosts, guests, files, VIFs, volume connections, migration jobs,
+faults, side-effect counters, timeline) lives in one SQLite file
+(``fake_model.StateStore``) so a controller, its workers and a test see the
+same cloud.  Every contract method is idempotent, counts a side effect only
+when it changed something, and passes through a fault hook at entry
+("before") and after its side effect was committed ("after").
+"""
+import functools
+import inspect
+import json
+import logging
+import os
+import time
+
+from migrateflow import exceptions
+from migrateflow.drivers import base
+from migrateflow.drivers import fake_model as model
+
+LOG = logging.getLogger(__name__)
+
+FAULT_ACTIONS = ("raise", "hang", "kill")
+FAULT_PHASES = ("before", "after")
+#: Facts of a new host, in the column order of the hosts table.
+HOST_DEFAULTS = {
+    "hypervisor_type": "QEMU", "hypervisor_version": 7002000,
+    "cpu_model": "Haswell-noTSX", "cpu_features": ["sse4.2", "avx", "avx2"],
+    "memory_mb": 65536, "disk_gb": 1000, "shared_storage": None,
+    "link_mbps": 1024.0, "up": True,
+}
+RUNNING, PAUSED = model.RUNNING, model.PAUSED
+
+
+def _hooked(method):
+    """Run the fault hook around a contract method; its first argument is
+    the host it is addressed to, ``instance``/``instance_uuid`` the guest."""
+    signature = inspect.signature(method)
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        arguments = signature.bind(self, *args, **kwargs).arguments
+        host = list(arguments.values())[1]
+        uuid = arguments.get("instance_uuid") or (arguments.get("instance") or {}).get("uuid")
+        model.fire_fault(self._store, method.__name__, host, uuid, "before")
+        result = method(self, *args, **kwargs)
+        model.fire_fault(self._store, method.__name__, host, uuid, "after")
+        return result
+    return call
+
+
+def _check_cpu(host, source_cpu):
+    missing = sorted(set(source_cpu["cpu_features"]) - set(json.loads(host["cpu_features"])))
+    if missing:
+        raise exceptions.CPUIncompatible(
+            f"host {host['name']} lacks CPU features {', '.join(missing)} of "
+            f"source CPU {source_cpu.get('cpu_model')}")
+
+
+class FakeDriver(base.ComputeDriver):
+    """Model hypervisors in a SQLite file; see the module docstring."""
+
+    def __init__(self, state_file, time_scale=0.0):
+        self.state_file = os.path.abspath(state_file)
+        self.time_scale = float(time_scale)
+        self._store = model.StateStore(self.state_file)
+
+    @classmethod
+    def cache_key(cls, conf):
+        path = conf.fake_driver.state_file or os.path.join(conf.state_path,
+                                                           "fake-hypervisor.sqlite")
+        return (os.path.abspath(path), float(conf.fake_driver.time_scale))
+
+    @classmethod
+    def from_conf(cls, conf):
+        return cls(*cls.cache_key(conf))
+
+    def _tx(self, write=True):
+        return self._store.transaction(write)
+
+    # -- host facts --------------------------------------------------------------
+    @_hooked
+    def get_host_info(self, host):
+        with self._tx(write=False) as db:
+            return model.host_info(db, model.get_host(db, host))
+
+    @_hooked
+    def compare_cpu(self, host, source_cpu):
+        with self._tx(write=False) as db:
+            _check_cpu(model.get_host(db, host), source_cpu)
+
+    @_hooked
+    def get_guest(self, host, instance_uuid):
+        with self._tx(write=False) as db:
+            model.get_host(db, host)
+            row = model.get_guest(db, host, instance_uuid)
+        return _guest_view(row) if row else None
+
+    @_hooked
+    def list_guests(self, host):
+        with self._tx(write=False) as db:
+            model.get_host(db, host)
+            rows = db.execute("SELECT * FROM guests WHERE host = ? ORDER BY uuid", (host,))
+            return [_guest_view(row) for row in rows]
+
+    # -- checks ------------------------------------------------------------------
+    @_hooked
+    def check_can_live_migrate_destination(self, dest, instance, source_host_info,
+                                           block_migration):
+        uuid = instance["uuid"]
+        probe = _probe_path(uuid)
+        with self._tx() as db:
+            host = model.get_host(db, dest)
+            _check_cpu(host, source_host_info)
+            disk_free = model.host_info(db, host)["disk_free_gb"]
+            if block_migration and disk_free < (instance.get("disk_gb") or 0):
+                raise exceptions.InsufficientResources(
+                    f"host {dest} has {disk_free} GB free, instance {uuid} needs "
+                    f"{instance['disk_gb']} GB for a block migration")
+            if model.ensure_file(db, model.storage_of(host), probe, uuid, 0):
+                model.record_change(db, "check_can_live_migrate_destination", dest, uuid)
+        return {"dest": dest, "probe_file": probe, "disk_available_gb": disk_free,
+                "block_migration": block_migration}
+
+    @_hooked
+    def cleanup_live_migration_destination_check(self, dest, instance, dest_check_data):
+        path = (dest_check_data or {}).get("probe_file") or _probe_path(instance["uuid"])
+        with self._tx() as db:
+            where = model.storage_of(model.get_host(db, dest))
+            probe = model.file_row(db, where, path)
+            if probe is not None:
+                model.delete(db, "files", "location = ? AND path = ?", (where, probe["path"]))
+                model.record_change(db, "cleanup_live_migration_destination_check", dest,
+                                    probe["instance"])
+
+    @_hooked
+    def check_can_live_migrate_source(self, source, instance, dest_check_data):
+        uuid, dest = instance["uuid"], dest_check_data["dest"]
+        with self._tx(write=False) as db:
+            where = model.storage_of(model.get_host(db, source))
+            shared = model.file_row(db, where, dest_check_data["probe_file"]) is not None
+        block = dest_check_data["block_migration"]
+        if block is None:
+            block = not shared
+        if block and shared:
+            raise exceptions.InvalidSharedStorage(
+                f"{source} and {dest} share instance storage; block migration refused")
+        if not block and not shared and not instance.get("volume_backed"):
+            raise exceptions.InvalidLocalStorage(
+                f"{source} and {dest} do not share instance storage and instance {uuid} "
+                f"is not volume-backed; block migration needed")
+        if block and dest_check_data["disk_available_gb"] < (instance.get("disk_gb") or 0):
+            raise exceptions.InsufficientResources(
+                f"host {dest} has {dest_check_data['disk_available_gb']} GB free, "
+                f"instance {uuid} needs {instance['disk_gb']} GB")
+        return {"source": source, "dest": dest, "block_migration": block,
+                "is_shared_instance_path": shared}
+
+    # -- destination preparation -----------------------------------------------
+    @_hooked
+    def pre_live_migration(self, dest, instance, block_device_info, network_info,
+                           migrate_data):
+        uuid = instance["uuid"]
+        with self._tx() as db:
+            where = model.storage_of(model.get_host(db, dest))
+            changed = model.ensure_file(db, where, model.instance_dir(uuid), uuid,
+                                        instance.get("disk_gb") or 0)
+            changed |= model.connect_volumes(db, dest, uuid, block_device_info)
+            changed |= model.plug_vifs(db, dest, uuid, network_info)
+            if changed:
+                model.record_change(db, "pre_live_migration", dest, uuid)
+        return dict(migrate_data or {})
+
+    @_hooked
+    def rollback_live_migration_at_destination(self, dest, instance, block_device_info,
+                                               network_info, migrate_data):
+        uuid = instance["uuid"]
+        with self._tx() as db:
+            host = model.get_host(db, dest)
+            if self._only_running_copy(db, dest, uuid):
+                LOG.warning("not rolling back %s on %s: it is the only running copy",
+                            uuid, dest)
+                return
+            changed = model.remove_guest(db, dest, uuid)
+            changed |= model.release_host_resources(db, dest, uuid)
+            changed |= model.drop_instance_dir(db, host, uuid)
+            if changed:
+                model.record_change(db, "rollback_live_migration_at_destination", dest, uuid)
+
+    @staticmethod
+    def _only_running_copy(db, host, uuid):
+        states = dict(db.execute("SELECT host, state FROM guests WHERE uuid = ?", (uuid,)))
+        running = [name for name, state in states.items() if state == RUNNING]
+        return running == [host]
+
+    # -- the move ------------------------------------------------------------------
+    @_hooked
+    def live_migration(self, source, instance, dest, migrate_data, params):
+        uuid = instance["uuid"]
+        if source == dest:
+            raise exceptions.DriverError(f"cannot migrate {uuid} from {source} to itself")
+        with self._tx() as db:
+            links = [model.get_host(db, name)["link_mbps"] for name in (source, dest)]
+            job, _ = model.job_of(db, source, uuid)
+            incoming = model.get_guest(db, dest, uuid)
+            if (job is not None and job["status"] == "running") or (
+                    incoming is not None and incoming["state"] == RUNNING):
+                return
+            guest = model.get_guest(db, source, uuid)
+            if guest is None or guest["state"] != RUNNING:
+                raise exceptions.DriverError(f"guest {uuid} is not running on {source}")
+            if incoming is not None:
+                raise exceptions.DriverError(f"guest {uuid} is already defined on {dest}")
+            sim = model.new_simulation(guest["memory_mb"],
+                                       params.get("bandwidth_mbps") or min(links), params)
+            db.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, 'running', NULL, ?)",
+                       (uuid, source, dest, json.dumps(sim)))
+            model.define_guest(db, dest, dict(guest), PAUSED, persistent=False)
+            model.record_change(db, "live_migration", source, uuid)
+            model.record_event(db, "migration.started", source, uuid)
+
+    def get_migration_job(self, source, instance):
+        """Advance the job by one iteration (unless stalled by a hang fault)
+        and return it; hooked by hand because a hang here stalls instead."""
+        uuid = instance["uuid"]
+        stalled = model.fire_fault(self._store, "get_migration_job", source, uuid,
+                                   "before") == "stall"
+        duration, view = 0.0, None
+        with self._tx() as db:
+            model.get_host(db, source)
+            row, sim = model.job_of(db, source, uuid)
+            if row is not None:
+                if row["status"] == "running" and not stalled:
+                    duration = model.advance_job(db, row, sim)
+                    row, sim = model.job_of(db, source, uuid)
+                view = model.job_view(sim, row["status"], row["error"])
+        if self.time_scale > 0 and duration > 0:
+            time.sleep(duration * self.time_scale)
+        model.fire_fault(self._store, "get_migration_job", source, uuid, "after")
+        return view
+
+    @_hooked
+    def live_migration_set_downtime(self, source, instance, downtime_ms):
+        uuid = instance["uuid"]
+        with self._tx() as db:
+            model.get_host(db, source)
+            row, sim = model.running_job(db, source, uuid)
+            if sim["downtime_limit_ms"] != float(downtime_ms):
+                sim["downtime_limit_ms"] = float(downtime_ms)
+                model.save_job(db, row, sim)
+                model.record_change(db, "live_migration_set_downtime", source, uuid)
+
+    @_hooked
+    def live_migration_abort(self, source, instance):
+        uuid = instance["uuid"]
+        with self._tx() as db:
+            model.get_host(db, source)
+            row, sim = model.job_of(db, source, uuid)
+            model.bump_marker(db, f"abort:{uuid}")
+            if row is None or row["status"] in ("cancelled", "failed"):
+                return
+            if row["status"] == "completed" or sim["post_copy"]:
+                raise exceptions.InvalidMigrationState(
+                    f"migration of instance {uuid} from {source} cannot be aborted: "
+                    f"{'it completed' if row['status'] == 'completed' else 'post-copy'}")
+            model.end_job(db, row, sim, "cancelled")
+            model.record_change(db, "live_migration_abort", source, uuid)
+
+    @_hooked
+    def live_migration_force_complete(self, source, instance):
+        uuid = instance["uuid"]
+        with self._tx() as db:
+            model.get_host(db, source)
+            row, sim = model.running_job(db, source, uuid)
+            if not sim["post_copy_permitted"]:
+                changed = model.set_guest(db, source, uuid, state=PAUSED)
+            else:
+                changed = not sim["post_copy"]
+                sim["post_copy"] = True
+                model.save_job(db, row, sim)
+                model.set_guest(db, row["dest"], uuid, state=RUNNING)
+                model.set_guest(db, source, uuid, state=PAUSED)
+            if changed:
+                model.record_change(db, "live_migration_force_complete", source, uuid)
+
+    # -- after the guest runs on the destination ------------------------------------
+    @_hooked
+    def post_live_migration_at_source(self, source, instance, block_device_info,
+                                      network_info):
+        uuid = instance["uuid"]
+        with self._tx() as db:
+            model.get_host(db, source)
+            guest = model.get_guest(db, source, uuid)
+            job, _ = model.job_of(db, source, uuid)
+            if (guest is not None and guest["state"] == RUNNING) or (
+                    job is not None and job["status"] == "running"):
+                raise exceptions.DriverError(
+                    f"guest {uuid} still runs or migrates on {source}; not cleaning up")
+            changed = model.release_host_resources(db, source, uuid)
+            changed |= model.remove_guest(db, source, uuid)
+            if changed:
+                model.record_change(db, "post_live_migration_at_source", source, uuid)
+
+    @_hooked
+    def post_live_migration_at_destination(self, dest, instance, network_info,
+                                           block_migration):
+        uuid = instance["uuid"]
+        with self._tx() as db:
+            model.get_host(db, dest)
+            if model.get_guest(db, dest, uuid) is None:
+                raise exceptions.DriverError(f"no guest {uuid} on {dest}")
+            if model.set_guest(db, dest, uuid, state=RUNNING, persistent=1):
+                model.record_change(db, "post_live_migration_at_destination", dest, uuid)
+        return RUNNING
+
+    @_hooked
+    def cleanup(self, host, instance, destroy_disks):
+        uuid = instance["uuid"]
+        with self._tx() as db:
+            row = model.get_host(db, host)
+            if destroy_disks and model.drop_instance_dir(db, row, uuid):
+                model.record_change(db, "cleanup", host, uuid)
+
+    # -- lifecycle -------------------------------------------------------------------
+    @_hooked
+    def spawn(self, host, instance, network_info, block_device_info):
+        uuid = instance["uuid"]
+        with self._tx() as db:
+            where = model.storage_of(model.get_host(db, host))
+            if model.get_guest(db, host, uuid) is None:
+                model.define_guest(db, host, instance, RUNNING, persistent=True)
+                changed = True
+            else:
+                changed = model.set_guest(db, host, uuid, state=RUNNING)
+            changed |= model.ensure_file(db, where, model.instance_dir(uuid), uuid,
+                                         instance.get("disk_gb") or 0)
+            changed |= model.plug_vifs(db, host, uuid, network_info)
+            changed |= model.connect_volumes(db, host, uuid, block_device_info)
+            if changed:
+                model.record_change(db, "spawn", host, uuid)
+
+    @_hooked
+    def destroy(self, host, instance, destroy_disks=True):
+        uuid = instance["uuid"]
+        with self._tx() as db:
+            row = model.get_host(db, host)
+            changed = model.remove_guest(db, host, uuid)
+            changed |= model.release_host_resources(db, host, uuid)
+            if destroy_disks:
+                changed |= model.drop_instance_dir(db, row, uuid)
+            if changed:
+                model.record_change(db, "destroy", host, uuid)
+
+    # -- test and demo helpers (not part of the contract) -------------------------
+    def add_host(self, name, **facts):
+        """Create the host with HOST_DEFAULTS, then set the given facts
+        (an upsert: calling it again only changes what is passed)."""
+        unknown = set(facts) - set(HOST_DEFAULTS)
+        if unknown:
+            raise TypeError(f"unknown host facts: {', '.join(sorted(unknown))}")
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO hosts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (name, *_encode_facts(HOST_DEFAULTS).values()))
+            for fact, value in _encode_facts(facts).items():
+                db.execute(f"UPDATE hosts SET {fact} = ? WHERE name = ?", (value, name))
+
+    def set_host_up(self, name, up):
+        with self._tx() as db:
+            if not db.execute("UPDATE hosts SET up = ? WHERE name = ?",
+                              (int(bool(up)), name)).rowcount:
+                raise exceptions.HostNotFound(name)
+
+    def guests(self, host):
+        """[{host, uuid, name, state, persistent, memory_mb, disk_gb, vcpus,
+        dirty_rate_mbps}] defined on ``host``, by uuid."""
+        rows = self._rows("SELECT * FROM guests WHERE host = ? ORDER BY uuid", host)
+        return [dict(row, persistent=bool(row["persistent"])) for row in rows]
+
+    def vifs(self, host):
+        """[{host, port_id, instance, device, bridge}] plugged on ``host``."""
+        return self._rows("SELECT * FROM vifs WHERE host = ? ORDER BY port_id", host)
+
+    def volume_connections(self, host):
+        """[{host, volume_id, instance}] connected to ``host``'s hypervisor."""
+        return self._rows("SELECT * FROM volume_connections WHERE host = ? "
+                          "ORDER BY volume_id", host)
+
+    def files(self, host):
+        """[{location, path, instance, disk_gb}] in ``host``'s storage (seen
+        by every host of its shared_storage group)."""
+        with self._tx(write=False) as db:
+            row = db.execute("SELECT * FROM hosts WHERE name = ?", (host,)).fetchone()
+        if row is None:
+            raise exceptions.HostNotFound(host)
+        return self._rows("SELECT * FROM files WHERE location = ? ORDER BY path",
+                          model.storage_of(row))
+
+    def set_dirty_rate(self, instance_uuid, mbps):
+        """How fast the guest (every copy of it) dirties memory, MiB/s."""
+        with self._tx() as db:
+            db.execute("UPDATE guests SET dirty_rate_mbps = ? WHERE uuid = ?",
+                       (float(mbps), instance_uuid))
+
+    def reset(self):
+        """Drop every host, guest, job, fault, counter and timeline event."""
+        self._store.reset()
+
+    def inject_fault(self, method, action="raise", host=None, instance=None, count=1,
+                     when="before", message=None):
+        """Arm a fault for ``count`` calls (-1: forever); returns its id."""
+        if method not in base.ComputeDriver.__abstractmethods__:
+            raise ValueError(f"{method!r} is not a ComputeDriver method")
+        if action not in FAULT_ACTIONS or when not in FAULT_PHASES:
+            raise ValueError(f"bad fault action {action!r} or phase {when!r}")
+        with self._tx() as db:
+            return db.execute(
+                "INSERT INTO faults (method, action, host, instance, remaining, phase, "
+                "message) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (method, action, host, instance, count, when, message)).lastrowid
+
+    def clear_faults(self):
+        with self._tx() as db:
+            db.execute("DELETE FROM faults")
+
+    def release_hangs(self):
+        """Wake every hanging call in every process (they raise InjectedFault)."""
+        with self._tx() as db:
+            model.bump_marker(db, "release")
+
+    def timeline(self, instance=None):
+        """[{time, event, host, instance}] in order; events are the names of
+        state-changing methods and migration.started/completed/cancelled/failed."""
+        sql = "SELECT time, event, host, instance FROM timeline"
+        if instance is None:
+            return self._rows(sql + " ORDER BY id")
+        return self._rows(sql + " WHERE instance = ? ORDER BY id", instance)
+
+    def counters(self):
+        """{(method, host, instance_uuid): side effects}; uuid "" if none."""
+        rows = self._rows("SELECT * FROM counters")
+        return {(row["method"], row["host"], row["instance"]): row["n"] for row in rows}
+
+    def side_effects(self, instance_uuid):
+        """{(method, host): side effects} for one instance."""
+        return {(method, host): n for (method, host, uuid), n in self.counters().items()
+                if uuid == instance_uuid}
+
+    def _rows(self, sql, *params):
+        with self._tx(write=False) as db:
+            return [dict(row) for row in db.execute(sql, params)]
+
+
+def _probe_path(instance_uuid):
+    """The shared-storage probe of an instance's check (one per instance, so
+    a repeated check or a cleanup without the check's reply finds it)."""
+    return f"{model.INSTANCES_DIR}/probe-{instance_uuid}"
+
+
+def _encode_facts(facts):
+    """Host facts as stored: the feature list as JSON, up as 0/1."""
+    encoded = dict(facts)
+    if "cpu_features" in encoded:
+        encoded["cpu_features"] = json.dumps(sorted(encoded["cpu_features"]))
+    if "up" in encoded:
+        encoded["up"] = int(bool(encoded["up"]))
+    return encoded
+
+
+def _guest_view(row):
+    return {"uuid": row["uuid"], "name": row["name"], "state": row["state"],
+            "persistent": bool(row["persistent"])}

@@ -1,0 +1,445 @@
+"""The fake hypervisors' model: the shared SQLite state and the pre-copy maths.
+
+Several processes (controller, workers, tests, the demo) drive the same fake
+cloud, so every fact lives in one SQLite file and every operation is one short
+transaction.  Read-modify-write operations use ``BEGIN IMMEDIATE`` so two
+processes never interleave between reading a row and writing it back.
+
+The live-migration simulation is pure arithmetic on a JSON-able dict advanced
+one iteration per poll, so a run is deterministic whatever the wall clock does.
+"""
+import contextlib
+import json
+import os
+import signal
+import sqlite3
+import threading
+import time
+
+from migrateflow import exceptions
+from migrateflow.drivers import base
+from migrateflow.states import PowerState
+
+BUSY_TIMEOUT_S = 30.0
+HANG_POLL_S = 0.02
+HANG_CAP_S = 600.0
+INSTANCES_DIR = "/var/lib/migrateflow/instances"
+BRIDGE = "br-int"
+RUNNING, PAUSED = PowerState.RUNNING.value, PowerState.PAUSED.value
+#: What the stop-and-copy phase costs on top of moving the last dirty pages
+#: (pausing the vCPUs, device state, resuming on the destination).
+SWITCHOVER_MS = 5.0
+AUTO_CONVERGE_START = 0.20
+AUTO_CONVERGE_STEP = 0.10
+AUTO_CONVERGE_MAX = 0.99
+#: An iteration that shrinks the dirty memory by less than this is "stuck".
+MIN_PROGRESS = 0.10
+DEFAULT_DOWNTIME_MS = 500.0
+
+#: Tables (untyped SQLite columns; this module is their only writer).
+_SCHEMA = (
+    "hosts (name TEXT PRIMARY KEY, hypervisor_type, hypervisor_version, cpu_model,"
+    " cpu_features, memory_mb, disk_gb, shared_storage, link_mbps, up)",
+    "guests (host, uuid, name, state, persistent, memory_mb, disk_gb, vcpus,"
+    " dirty_rate_mbps, PRIMARY KEY (host, uuid))",
+    "files (location, path, instance, disk_gb, PRIMARY KEY (location, path))",
+    "vifs (host, port_id, instance, device, bridge, PRIMARY KEY (host, port_id))",
+    "volume_connections (host, volume_id, instance, PRIMARY KEY (host, volume_id))",
+    "jobs (instance TEXT PRIMARY KEY, source, dest, status, error, sim)",
+    "counters (method, host, instance, n, PRIMARY KEY (method, host, instance))",
+    "faults (id INTEGER PRIMARY KEY AUTOINCREMENT, method, action, host, instance,"
+    " remaining, phase, message)",
+    "timeline (id INTEGER PRIMARY KEY AUTOINCREMENT, time, event, host, instance)",
+    "markers (key TEXT PRIMARY KEY, value)",
+)
+TABLES = tuple(table.split()[0] for table in _SCHEMA)
+#: Connections a forked child inherited; closing them could disturb the parent.
+_INHERITED = []
+
+
+class StateStore:
+    """One SQLite file; one connection per thread (and per process after fork)."""
+
+    def __init__(self, path):
+        self.path = os.path.abspath(path)
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self._local = threading.local()
+        self._enable_wal()
+        with self.transaction() as db:
+            for table in _SCHEMA:
+                db.execute(f"CREATE TABLE IF NOT EXISTS {table}")
+
+    def _enable_wal(self):
+        """WAL lets readers run beside the writer; switching needs a moment
+        without other connections, so retry while another process opens it."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            try:
+                self._connection().execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+
+    def _connection(self):
+        """A connection made in this thread of this process: sqlite3 objects
+        must not cross threads, nor survive a fork into the child."""
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():
+            if hasattr(local, "conn"):   # inherited through fork: never close it here
+                _INHERITED.append(local.conn)
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S,
+                                   isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            conn.execute("PRAGMA synchronous = OFF")
+            local.conn, local.pid = conn, os.getpid()
+        return local.conn
+
+    @contextlib.contextmanager
+    def transaction(self, write=True):
+        """One transaction; ``write`` takes the write lock up front."""
+        db = self._connection()
+        db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def reset(self):
+        """Forget every host, guest, job, fault, counter and event."""
+        with self.transaction() as db:
+            for table in TABLES:
+                db.execute(f"DELETE FROM {table}")
+
+
+# -- bookkeeping shared by every operation ------------------------------------
+
+def record_event(db, event, host, instance):
+    """Append to the timeline; times never go backwards across processes."""
+    last = db.execute("SELECT time FROM timeline ORDER BY id DESC LIMIT 1").fetchone()
+    db.execute("INSERT INTO timeline (time, event, host, instance) VALUES (?, ?, ?, ?)",
+               (max(time.time(), last[0] if last else 0.0), event, host, instance))
+
+
+def record_change(db, method, host, instance):
+    """Count one real side effect of ``method`` and put it on the timeline."""
+    db.execute(
+        "INSERT INTO counters VALUES (?, ?, ?, 1) ON CONFLICT (method, host, instance) "
+        "DO UPDATE SET n = n + 1", (method, host, instance or ""))
+    record_event(db, method, host, instance)
+
+
+def bump_marker(db, key):
+    """Signal waiters in any process (hangs poll these)."""
+    db.execute("INSERT INTO markers VALUES (?, 1) ON CONFLICT (key) "
+               "DO UPDATE SET value = value + 1", (key,))
+
+
+def read_markers(db, keys):
+    return tuple(
+        (db.execute("SELECT value FROM markers WHERE key = ?", (key,)).fetchone()
+         or (0,))[0] for key in keys)
+
+
+# -- injected faults --------------------------------------------------------------
+
+def take_fault(db, method, host, instance, phase):
+    """The oldest armed fault matching the call, with one firing used up."""
+    fault = db.execute(
+        "SELECT * FROM faults WHERE method = ? AND phase = ? AND remaining != 0 "
+        "AND (host IS NULL OR host = ?) AND (instance IS NULL OR instance = ?) "
+        "ORDER BY id LIMIT 1", (method, phase, host, instance)).fetchone()
+    if fault is not None and fault["remaining"] > 0:
+        db.execute("UPDATE faults SET remaining = remaining - 1 WHERE id = ?",
+                   (fault["id"],))
+    return fault
+
+
+def fire_fault(store, method, host, uuid, when):
+    """Fire the fault injected for this call, if any.
+
+    raise: InjectedFault.  kill: SIGKILL to this very process.  hang: block
+    until released, then InjectedFault -- except on get_migration_job, where
+    a hang means the job stops progressing: returns "stall".
+    """
+    with store.transaction() as db:
+        fault = take_fault(db, method, host, uuid, when)
+    if fault is None:
+        return None
+    message = fault["message"] or f"injected fault in {method} on {host}"
+    if fault["action"] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if fault["action"] == "hang":
+        if method == "get_migration_job":
+            return "stall"
+        outcome = "hang released" if _wait_for_release(store, uuid) else "hang timed out"
+        raise exceptions.InjectedFault(f"{message}: {outcome}")
+    raise exceptions.InjectedFault(message)
+
+
+def _wait_for_release(store, uuid):
+    """Poll until release_hangs() or an abort of the instance's job in any
+    process bumps a marker; False when HANG_CAP_S ran out first."""
+    keys = ("release", f"abort:{uuid}")
+    with store.transaction(write=False) as db:
+        start = read_markers(db, keys)
+    deadline = time.monotonic() + HANG_CAP_S
+    while time.monotonic() < deadline:
+        time.sleep(HANG_POLL_S)
+        with store.transaction(write=False) as db:
+            if read_markers(db, keys) != start:
+                return True
+    return False
+
+
+# -- hypervisor rows: helpers take the open transaction; mutators return
+#    True when they changed something (that is what the counters count)
+
+def get_host(db, name):
+    """The host's row; a contract call addressed to a down host fails."""
+    row = db.execute("SELECT * FROM hosts WHERE name = ?", (name,)).fetchone()
+    if row is None:
+        raise exceptions.HostNotFound(name)
+    if not row["up"]:
+        raise exceptions.DriverError(f"host {name} is unreachable")
+    return row
+
+
+def storage_of(host):
+    """Where a host's instance files live (host row): its shared group or itself."""
+    if host["shared_storage"]:
+        return f"shared:{host['shared_storage']}"
+    return f"host:{host['name']}"
+
+
+def instance_dir(uuid):
+    return f"{INSTANCES_DIR}/{uuid}"
+
+
+def get_guest(db, host, uuid):
+    return db.execute("SELECT * FROM guests WHERE host = ? AND uuid = ?",
+                      (host, uuid)).fetchone()
+
+
+def set_guest(db, host, uuid, **columns):
+    assignments = ", ".join(f"{name} = ?" for name in columns)
+    mismatch = " OR ".join(f"{name} IS NOT ?" for name in columns)
+    values = tuple(columns.values())
+    return db.execute(f"UPDATE guests SET {assignments} WHERE host = ? AND uuid = ? "
+                      f"AND ({mismatch})", values + (host, uuid) + values).rowcount > 0
+
+
+def define_guest(db, host, spec, state, persistent):
+    """Define a guest from ``spec`` (a guest row or an instance dict)."""
+    db.execute("INSERT INTO guests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+               (host, spec["uuid"], spec["name"], state, int(persistent),
+                spec["memory_mb"], spec.get("disk_gb") or 0, spec["vcpus"],
+                spec.get("dirty_rate_mbps") or 0.0))
+
+
+def delete(db, table, where, params):
+    return db.execute(f"DELETE FROM {table} WHERE {where}", params).rowcount > 0
+
+
+def remove_guest(db, host, uuid):
+    return delete(db, "guests", "host = ? AND uuid = ?", (host, uuid))
+
+
+def ensure_file(db, location, path, uuid, disk_gb):
+    return db.execute("INSERT OR IGNORE INTO files VALUES (?, ?, ?, ?)",
+                      (location, path, uuid, disk_gb)).rowcount > 0
+
+
+def file_row(db, location, path):
+    return db.execute("SELECT * FROM files WHERE location = ? AND path = ?",
+                      (location, path)).fetchone()
+
+
+def plug_vifs(db, host, uuid, network_info):
+    changed = False
+    for vif in network_info or ():
+        port = vif["port_id"]
+        changed |= db.execute("INSERT OR IGNORE INTO vifs VALUES (?, ?, ?, ?, ?)",
+                              (host, port, uuid, f"tap{port[:11]}", BRIDGE)).rowcount > 0
+    return changed
+
+
+def connect_volumes(db, host, uuid, block_device_info):
+    changed = False
+    for bdm in block_device_info or ():
+        changed |= db.execute("INSERT OR IGNORE INTO volume_connections VALUES (?, ?, ?)",
+                              (host, bdm["volume_id"], uuid)).rowcount > 0
+    return changed
+
+
+def release_host_resources(db, host, uuid):
+    """Unplug the guest's VIFs and disconnect its volumes on ``host``."""
+    unplugged = delete(db, "vifs", "host = ? AND instance = ?", (host, uuid))
+    disconnected = delete(db, "volume_connections", "host = ? AND instance = ?",
+                          (host, uuid))
+    return unplugged or disconnected
+
+
+def drop_instance_dir(db, host, uuid):
+    """Remove the instance directory from the storage of ``host`` (row)
+    unless a guest defined on a host sharing that storage still needs it."""
+    where = storage_of(host)
+    users = db.execute("SELECT h.* FROM guests g JOIN hosts h ON h.name = g.host "
+                       "WHERE g.uuid = ?", (uuid,)).fetchall()
+    if any(storage_of(user) == where for user in users):
+        return False
+    return delete(db, "files", "location = ? AND path = ?", (where, instance_dir(uuid)))
+
+
+def host_info(db, row):
+    """get_host_info of a host row: free memory and disk from what is defined."""
+    used_memory = db.execute("SELECT COALESCE(SUM(memory_mb), 0) FROM guests WHERE host = ? "
+                             "AND state != ?", (row["name"], PowerState.SHUTDOWN.value)
+                             ).fetchone()[0]
+    used_disk = db.execute("SELECT COALESCE(SUM(disk_gb), 0) FROM files WHERE location = ?",
+                           (storage_of(row),)).fetchone()[0]
+    return {
+        "hypervisor_type": row["hypervisor_type"],
+        "hypervisor_version": row["hypervisor_version"],
+        "cpu_model": row["cpu_model"], "cpu_features": json.loads(row["cpu_features"]),
+        "memory_mb": row["memory_mb"], "memory_free_mb": row["memory_mb"] - used_memory,
+        "disk_gb": row["disk_gb"], "disk_free_gb": row["disk_gb"] - used_disk,
+    }
+
+
+# -- migration jobs: a row per instance with its simulation state (JSON) --
+
+def job_of(db, source, uuid):
+    """(row, simulation) of the instance's job from ``source``, or (None, None)."""
+    row = db.execute("SELECT * FROM jobs WHERE instance = ? AND source = ?",
+                     (uuid, source)).fetchone()
+    return (row, json.loads(row["sim"])) if row else (None, None)
+
+
+def running_job(db, source, uuid):
+    row, sim = job_of(db, source, uuid)
+    if row is None or row["status"] != "running":
+        raise exceptions.InvalidMigrationState(
+            f"no running migration of instance {uuid} from {source}")
+    return row, sim
+
+
+def save_job(db, row, sim, status=None, error=None):
+    db.execute("UPDATE jobs SET sim = ?, status = ?, error = ? WHERE instance = ?",
+               (json.dumps(sim), status or row["status"], error, row["instance"]))
+
+
+def end_job(db, row, sim, status, error=None):
+    """On success the destination copy takes over (persistent there, source
+    undefined); otherwise the incoming guest goes and the source runs on."""
+    uuid, source, dest = row["instance"], row["source"], row["dest"]
+    if status == "completed":
+        set_guest(db, dest, uuid, state=RUNNING, persistent=1)
+        remove_guest(db, source, uuid)
+    else:
+        remove_guest(db, dest, uuid)
+        set_guest(db, source, uuid, state=RUNNING)
+    save_job(db, row, sim, status, error)
+    record_event(db, f"migration.{status}", source, uuid)
+
+
+def advance_job(db, row, sim):
+    """One poll's worth of progress; returns the simulated seconds it took.
+    Before the post-copy switch a lost guest or destination fails the job."""
+    uuid, source, dest = row["instance"], row["source"], row["dest"]
+    source_guest = get_guest(db, source, uuid)
+    if not sim["post_copy"]:
+        dest_host = db.execute("SELECT up FROM hosts WHERE name = ?", (dest,)).fetchone()
+        lost = ((source_guest is None and "the source guest vanished")
+                or (get_guest(db, dest, uuid) is None and "the incoming guest vanished")
+                or (not (dest_host and dest_host["up"]) and f"host {dest} is unreachable"))
+        if lost:
+            end_job(db, row, sim, "failed", lost)
+            return 0.0
+    running = source_guest is not None and source_guest["state"] == RUNNING
+    duration, finished = advance(sim, source_guest["dirty_rate_mbps"] if running else 0.0)
+    if finished:
+        end_job(db, row, sim, "completed")
+    else:
+        save_job(db, row, sim)
+    return duration
+
+
+# -- the pre-copy / post-copy simulation ---------------------------------------
+
+def new_simulation(memory_mb, bandwidth_mbps, params):
+    """State of a job that has not copied anything yet."""
+    downtime = params.get("downtime_ms")
+    downtime = DEFAULT_DOWNTIME_MS if downtime is None else downtime
+    return {
+        "memory_total_mb": float(memory_mb), "memory_remaining_mb": float(memory_mb),
+        "memory_processed_mb": 0.0, "iteration": 0, "time_elapsed": 0.0,
+        "downtime_limit_ms": float(downtime), "bandwidth_mbps": float(bandwidth_mbps),
+        "auto_converge": bool(params.get("auto_converge")),
+        "post_copy_permitted": bool(params.get("post_copy")),
+        "post_copy": False, "throttle": 0.0, "dirty_rate_mbps": 0.0,
+        "downtime_ms": None,
+    }
+
+
+def advance(sim, dirty_rate_mbps):
+    """Run one iteration of the job in ``sim`` (mutated).
+
+    ``dirty_rate_mbps`` is how fast the source guest dirties memory now (0
+    while it is paused).  Returns (simulated seconds it took, finished).
+    """
+    bandwidth = sim["bandwidth_mbps"]
+    remaining = sim["memory_remaining_mb"]
+    if sim["post_copy"]:
+        return _final_copy(sim, SWITCHOVER_MS), True
+    if remaining * 1000.0 / bandwidth <= sim["downtime_limit_ms"]:
+        return _final_copy(sim, remaining * 1000.0 / bandwidth + SWITCHOVER_MS), True
+    duration = remaining / bandwidth
+    effective_rate = dirty_rate_mbps * (1.0 - sim["throttle"])
+    dirtied = min(sim["memory_total_mb"], effective_rate * duration)
+    if sim["auto_converge"] and dirtied > remaining * (1.0 - MIN_PROGRESS):
+        sim["throttle"] = _next_throttle(sim["throttle"])
+    sim.update(memory_remaining_mb=dirtied, dirty_rate_mbps=effective_rate,
+               memory_processed_mb=sim["memory_processed_mb"] + remaining,
+               iteration=sim["iteration"] + 1,
+               time_elapsed=sim["time_elapsed"] + duration)
+    return duration, False
+
+
+def _next_throttle(throttle):
+    if throttle == 0.0:
+        return AUTO_CONVERGE_START
+    return min(AUTO_CONVERGE_MAX, round(throttle + AUTO_CONVERGE_STEP, 2))
+
+
+def _final_copy(sim, downtime_ms):
+    """Copy what is left with the guest stopped (or, in post-copy, pulled
+    by the running destination); the job is then done."""
+    remaining = sim["memory_remaining_mb"]
+    duration = remaining / sim["bandwidth_mbps"]
+    sim.update(memory_remaining_mb=0.0, dirty_rate_mbps=0.0, downtime_ms=downtime_ms,
+               memory_processed_mb=sim["memory_processed_mb"] + remaining,
+               iteration=sim["iteration"] + 1,
+               time_elapsed=sim["time_elapsed"] + duration)
+    return duration
+
+
+def job_view(sim, status, error):
+    """The MigrationJob a caller sees."""
+    return base.MigrationJob(
+        status=status,
+        memory_total_mb=sim["memory_total_mb"],
+        memory_processed_mb=sim["memory_processed_mb"],
+        memory_remaining_mb=sim["memory_remaining_mb"],
+        dirty_rate_mbps=sim["dirty_rate_mbps"],
+        iteration=sim["iteration"],
+        time_elapsed=sim["time_elapsed"],
+        downtime_ms=sim["downtime_ms"],
+        post_copy=sim["post_copy"],
+        throttle_pct=int(round(sim["throttle"] * 100)),
+        error=error,
+    )

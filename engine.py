@@ -1,0 +1,211 @@
+"""Engine wiring, in one place: persistence, loading, running, resuming.
+
+Flows are loaded with ``load_from_factory`` from module-level factories, so
+the flow detail records how to rebuild them; ``resume`` rebuilds and
+continues a flow from its persisted state.  A listener mirrors the step
+being run into the migration record (``current_step``), which is how
+``migration-show`` tells where a flow is.
+"""
+import contextlib
+import logging
+import threading
+import time
+
+import taskflow.engines
+from taskflow import states as tf_states
+from taskflow.listeners import base as listener_base
+from taskflow.persistence import models as tf_models
+
+from migrateflow import persistence
+from migrateflow.conf import CONF
+from migrateflow.db import api as db_api
+from migrateflow.states import LIVE_TERMINAL, VmState
+from migrateflow.states import LiveMigrationStatus as Status
+
+LOG = logging.getLogger(__name__)
+
+#: taskflow flow states after which nothing runs
+_FLOW_DONE = frozenset({tf_states.SUCCESS, tf_states.REVERTED, tf_states.FAILURE})
+
+_backends = {}
+_backends_lock = threading.Lock()
+
+
+def persistence_url(conf=CONF):
+    return conf.persistence.connection or db_api.get_db(conf).url
+
+
+def get_backend(conf=CONF):
+    """The flow persistence backend from configuration (one per URL)."""
+    if conf.persistence.backend == "memory":
+        key = ("memory",)
+    else:
+        key = ("sql", persistence_url(conf), conf.persistence.sqlite_synchronous)
+    with _backends_lock:
+        backend = _backends.get(key)
+        if backend is None:
+            if key[0] == "memory":
+                from taskflow.persistence.backends import impl_memory
+                backend = impl_memory.MemoryBackend()
+            else:
+                backend = persistence.SQLBackend.from_url(
+                    key[1], sqlite_synchronous=key[2])
+            _backends[key] = backend
+        return backend
+
+
+def reset():
+    """Forget cached backends (tests point the configuration elsewhere)."""
+    with _backends_lock:
+        for backend in _backends.values():
+            backend.close()
+        _backends.clear()
+
+
+class StepMirror(listener_base.Listener):
+    """Writes the atom being executed or reverted into the migration record."""
+
+    def __init__(self, engine, migration_id):
+        super().__init__(engine, task_listen_for=(tf_states.RUNNING, tf_states.REVERTING),
+                         retry_listen_for=(), flow_listen_for=())
+        self._migration_id = migration_id
+
+    def _task_receiver(self, state, details):
+        step = details["task_name"]
+        if state == tf_states.REVERTING:
+            step = "revert:" + step
+        db_api.get_db().update_migration(self._migration_id, current_step=step)
+
+
+def _new_book(migration_id):
+    book = tf_models.LogBook(f"migration-{migration_id}")
+    return book
+
+
+def run(factory, store, migration_id, factory_args=(), listeners=()):
+    """Build the flow from ``factory``, persist it, run it to its end.
+
+    ``listeners``: extra TaskFlow listener factories, each called with the
+    engine (an embedding controller's own, or a test's CaptureListener).
+    Returns nothing; raises what the flow raised.  The migration record is
+    never left in a transitional status: see ``_settle``.
+    """
+    backend = get_backend()
+    book = _new_book(migration_id)
+    engine = taskflow.engines.load_from_factory(
+        factory, factory_args=list(factory_args),
+        store={str(key): value for key, value in store.items()}, backend=backend,
+        book=book, engine="serial")
+    db_api.get_db().update_migration(migration_id, flow_uuid=engine.storage.flow_uuid)
+    _run_engine(engine, migration_id, listeners)
+
+
+def resume(migration_id, listeners=()):
+    """Continue the flow of ``migration_id`` from its last finished step.
+
+    A flow that already ended is not run again (TaskFlow would run it from
+    scratch); returns False then.
+    """
+    mig = db_api.get_db().get_migration(migration_id)
+    if not mig["flow_uuid"]:
+        raise LookupError(f"migration {migration_id} has no persisted flow")
+    backend = get_backend()
+    with contextlib.closing(backend.get_connection()) as conn:
+        flow_detail = conn.get_flow_details(mig["flow_uuid"])
+    if flow_detail.state in _FLOW_DONE:
+        return False
+    engine = taskflow.engines.load_from_detail(flow_detail, backend=backend,
+                                               engine="serial")
+    _run_engine(engine, migration_id, listeners)
+    return True
+
+
+def _run_engine(engine, migration_id, listeners=()):
+    started = time.monotonic()
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(StepMirror(engine, migration_id))
+            for factory in listeners:
+                stack.enter_context(factory(engine))
+            engine.run()
+    except BaseException as err:
+        _settle(migration_id, err)
+        raise
+    finally:
+        LOG.debug("flow ended migration=%s seconds=%.3f", migration_id,
+                  time.monotonic() - started)
+
+
+def _settle(migration_id, err):
+    """After a failed run, make sure the migration did not stay transitional.
+
+    The rollback's last revert marks it failed/cancelled; when a revert
+    stopped the rollback (the guest already runs on the destination, or an
+    unexpected error) the migration is marked error here and the instance
+    is released for the operator.
+    """
+    if not isinstance(err, Exception):
+        return  # interpreter exit / kill: a resume will finish the flow
+    db = db_api.get_db()
+    mig = db.get_migration(migration_id)
+    if mig["status"] in LIVE_TERMINAL:
+        return
+    reason = f"{type(err).__name__}: {err}"
+    where = _guest_location(mig)
+    instance_values = {}
+    if where == "destination":
+        db.move_instance(migration_id, mig["instance_uuid"], mig["source_host"],
+                         mig["dest_host"])
+        reason = "guest runs on the destination; " + reason
+    elif where != "source":
+        instance_values["vm_state"] = VmState.ERROR  # nobody knows: the operator must look
+    db.finish_migration(migration_id, mig["instance_uuid"], Status.ERROR,
+                        expected_statuses=[s for s in Status if s not in LIVE_TERMINAL],
+                        instance_values=instance_values, error=reason)
+    LOG.error("migration=%s left in error (guest on %s): %s", migration_id, where, reason)
+
+
+def _guest_location(mig):
+    """"source" or "destination" when the guest runs there and only there,
+    else "unknown" (the hypervisors are asked, not the records)."""
+    from migrateflow import drivers
+    from migrateflow.states import PowerState
+    drv = drivers.get_driver()
+    try:
+        running = [host for host in (mig["source_host"], mig["dest_host"]) if host and
+                   (drv.get_guest(host, mig["instance_uuid"]) or {}).get("state")
+                   == PowerState.RUNNING]
+    except Exception:  # noqa: BLE001 - a host that cannot be asked: unknown
+        return "unknown"
+    if running == [mig["source_host"]]:
+        return "source"
+    if running == [mig["dest_host"]]:
+        return "destination"
+    return "unknown"
+
+
+def flow_atoms(flow_uuid, factory=None):
+    """[{name, kind, state, failure}] of the persisted atoms of a flow, in
+    the order the flow built by ``factory`` runs them (else as persisted)."""
+    with contextlib.closing(get_backend().get_connection()) as conn:
+        detail = conn.get_flow_details(flow_uuid)
+    atoms = [{"name": ad.name,
+              "kind": "retry" if isinstance(ad, tf_models.RetryDetail) else "task",
+              "state": ad.state,
+              "failure": ad.failure.exception_str if ad.failure else None}
+             for ad in detail if not ad.name.startswith("_TaskFlow_")]
+    if factory is not None:
+        order = list(_walk(factory()))
+        atoms.sort(key=lambda a: order.index(a["name"]) if a["name"] in order else len(order))
+    return atoms
+
+
+def _walk(flow):
+    """Atom names of ``flow`` in execution order, subflows and retries in."""
+    if flow.retry is not None:
+        yield flow.retry.name
+    for node, _meta in flow.iter_nodes():
+        if hasattr(node, "iter_nodes"):
+            yield from _walk(node)
+        else:
+            yield node.name

@@ -1,0 +1,489 @@
+"""Durable TaskFlow persistence on SQLAlchemy Core with shared module-level tables.
+
+Replaces ``taskflow.persistence.backends.impl_sqlalchemy``, which builds new
+``MetaData``/``Enum`` tables per connection (an unbounded leak under SQLAlchemy
+2.1) and forces ``NullPool`` on SQLite files.  Each detail is stored as the JSON
+of its ``to_dict()`` beside a few indexed columns, with statements built once.
+An atom update is one ``UPDATE`` (TaskFlow's atom merge replaces every field,
+so nothing needs reading); a flow update reads its atoms' JSON once and writes
+only new or changed rows.  SQLite: see :func:`tune_sqlite_engine`.
+"""
+import datetime
+import json
+import random
+import sqlite3
+import threading
+import time
+import weakref
+
+import sqlalchemy as sa
+from oslo_serialization import jsonutils
+from sqlalchemy import bindparam as _bp
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import pool as sa_pool
+from sqlalchemy.dialects import mysql
+from taskflow import exceptions as exc
+from taskflow.persistence import base
+from taskflow.persistence import models
+from taskflow.types import failure as ft
+
+try:
+    from oslo_db import exception as _db_exc
+    _DB_ERRORS = (sa_exc.SQLAlchemyError, _db_exc.DBError)
+except ImportError:  # pragma: no cover - oslo.db is a dependency
+    _db_exc, _DB_ERRORS = None, (sa_exc.SQLAlchemyError,)
+
+#: execution option read by the SQLite ``begin`` hook: "DEFERRED", "IMMEDIATE"
+#: (used when the option is unset) or "EXCLUSIVE"
+SQLITE_BEGIN_OPTION = "migrateflow_sqlite_begin"
+_JSON = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+METADATA = sa.MetaData()
+
+
+def _table(name, parent, *columns):
+    if parent:  # children are deleted explicitly too (SQLite FKs may be off)
+        columns = (sa.Column("parent_uuid", sa.String(64), sa.ForeignKey(
+            parent + ".uuid", ondelete="CASCADE"), index=True),) + columns
+    return sa.Table(
+        name, METADATA, sa.Column("uuid", sa.String(64), primary_key=True),
+        sa.Column("name", sa.String(255)), *columns,
+        sa.Column("updated_at", sa.DateTime),
+        sa.Column("data", _JSON, nullable=False))
+
+
+LOGBOOKS = _LB = _table("tf_logbooks", None)
+FLOWDETAILS = _FD = _table("tf_flowdetails", "tf_logbooks",
+                           sa.Column("state", sa.String(255), index=True))
+ATOMDETAILS = _AD = _table(
+    "tf_atomdetails", "tf_flowdetails", sa.Column("state", sa.String(255)),
+    sa.Column("atom_type", sa.String(32), nullable=False))
+
+_INS_LB, _INS_FD, _INS_AD = sa.insert(_LB), sa.insert(_FD), sa.insert(_AD)
+_SET = dict(data=_bp("data"), updated_at=_bp("updated_at"))
+_UPD_LB = sa.update(_LB).where(_LB.c.uuid == _bp("b_uuid")).values(**_SET)
+_UPD_FD = sa.update(_FD).where(_FD.c.uuid == _bp("b_uuid")).values(
+    state=_bp("state"), **_SET)
+_UPD_AD = sa.update(_AD).where(
+    _AD.c.uuid == _bp("b_uuid"), _AD.c.atom_type == _bp("b_type")).values(
+    state=_bp("state"), **_SET)
+_SEL_LB = sa.select(_LB.c.data).where(_LB.c.uuid == _bp("u"))
+_FD_COLS = (_FD.c.parent_uuid, _FD.c.data)
+_SEL_FDS = sa.select(*_FD_COLS)
+_SEL_FD = sa.select(*_FD_COLS).where(_FD.c.uuid == _bp("u"))
+_SEL_FD_BY_LB = sa.select(*_FD_COLS).where(_FD.c.parent_uuid == _bp("u"))
+_AD_COLS = (_AD.c.uuid, _AD.c.parent_uuid, _AD.c.atom_type, _AD.c.data)
+_SEL_ADS = sa.select(*_AD_COLS)
+_SEL_AD = sa.select(*_AD_COLS).where(_AD.c.uuid == _bp("u"))
+_SEL_AD_BY_FD = sa.select(*_AD_COLS).where(_AD.c.parent_uuid == _bp("u"))
+_SEL_AD_BY_LB = sa.select(*_AD_COLS).join(
+    _FD, _FD.c.uuid == _AD.c.parent_uuid).where(_FD.c.parent_uuid == _bp("u"))
+_FD_OF_LB = sa.select(_FD.c.uuid).where(_FD.c.parent_uuid == _bp("u"))
+_DEL_BOOK = (sa.delete(_AD).where(_AD.c.parent_uuid.in_(_FD_OF_LB)),
+             sa.delete(_FD).where(_FD.c.parent_uuid == _bp("u")),
+             sa.delete(_LB).where(_LB.c.uuid == _bp("u")))
+
+_encode = json.JSONEncoder(default=jsonutils.to_primitive,
+                           separators=(",", ":")).encode
+_RETRY_MARKERS = ("database is locked", "database table is locked", "deadlock",
+                  "lock wait timeout", "could not serialize")
+
+
+def create_schema(engine):
+    """Create the ``tf_*`` tables (tests, benchmarks; production uses alembic)."""
+    METADATA.create_all(engine)
+
+
+def _now():
+    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+
+
+def _is_memory_sqlite(url):
+    return url.database in (None, "", ":memory:") or "mode=memory" in str(url)
+
+
+_tuned = weakref.WeakKeyDictionary()  # engine -> its tuning state
+_tune_lock = threading.Lock()
+
+
+def _on_begin(conn):
+    dbapi_con = conn.connection.driver_connection
+    options = conn.get_execution_options()
+    if dbapi_con.in_transaction or options.get("isolation_level") == \
+            "AUTOCOMMIT":
+        return  # begun already (e.g. by oslo.db's own hook), or autocommit
+    sql = "BEGIN " + options.get(SQLITE_BEGIN_OPTION, "IMMEDIATE")
+    try:  # straight to sqlite3: a SQLAlchemy execute here costs ~40 us
+        dbapi_con.execute(sql)
+    except sqlite3.Error as e:
+        raise sa_exc.DBAPIError.instance(sql, (), e, sqlite3.Error) from e
+    conn.info["in_transaction"] = True  # oslo.db's hook then emits no BEGIN
+
+
+def _on_end(conn):
+    conn.info.pop("in_transaction", None)
+
+
+def _on_checkin(dbapi_con, record):
+    if record is not None:
+        record.info.pop("in_transaction", None)
+
+
+def tune_sqlite_engine(engine, synchronous="NORMAL", pool_size=10,
+                       max_overflow=30):
+    """Fit a SQLite engine for concurrent durable writes; no-op otherwise.
+
+    New connections get ``journal_mode=WAL`` (files), ``busy_timeout=30000``
+    and ``synchronous`` (OFF, NORMAL, FULL or EXTRA; None leaves it alone); a
+    file database's non-queue pool (oslo.db sets ``NullPool``) becomes a
+    ``QueuePool`` that keeps its listeners.  pysqlite's own BEGIN is switched
+    off and a ``begin`` hook emits ``BEGIN IMMEDIATE``, or the mode named by
+    the :data:`SQLITE_BEGIN_OPTION` execution option (read-only work may use
+    "DEFERRED").  Connections pooled before are dropped.  Calling it again is
+    safe: only a changed ``synchronous`` is applied.  Returns ``engine``.
+    """
+    if engine.dialect.name != "sqlite":
+        return engine
+    sync = None if synchronous is None else str(synchronous).upper()
+    if sync not in (None, "OFF", "NORMAL", "FULL", "EXTRA"):
+        raise ValueError("invalid sqlite synchronous %r" % (synchronous,))
+    with _tune_lock:
+        state = _tuned.get(engine)
+        if state is not None:
+            if sync is not None and state["synchronous"] != sync:
+                state["synchronous"] = sync
+                if state["file"]:
+                    engine.dispose()
+            return engine
+        state = {"synchronous": sync,
+                 "file": not _is_memory_sqlite(engine.url)}
+        if state["file"] and not isinstance(engine.pool, sa_pool.QueuePool):
+            old = engine.pool  # the arguments Pool.recreate() passes on
+            engine.pool = sa_pool.QueuePool(
+                old._creator, pool_size=pool_size, max_overflow=max_overflow,
+                timeout=30, recycle=old._recycle, echo=old.echo,
+                logging_name=old._orig_logging_name, pre_ping=False,
+                reset_on_return=old._reset_on_return, dialect=old._dialect,
+                _dispatch=old.dispatch)
+            old.dispose()
+
+        def on_connect(dbapi_con, record):
+            dbapi_con.isolation_level = None  # _on_begin emits BEGIN
+            dbapi_con.execute("PRAGMA busy_timeout=30000")
+            if state["file"]:
+                dbapi_con.execute("PRAGMA journal_mode=WAL")
+            if state["synchronous"]:
+                dbapi_con.execute("PRAGMA synchronous=" + state["synchronous"])
+
+        for event, hook in (("connect", on_connect), ("checkin", _on_checkin),
+                            ("commit", _on_end), ("rollback", _on_end)):
+            sa.event.listen(engine, event, hook)
+        sa.event.listen(engine, "begin", _on_begin, insert=True)
+        _tuned[engine] = state
+        if state["file"]:
+            engine.dispose()
+    return engine
+
+
+def _atom_from(atom_type, data):
+    data = json.loads(data)
+    if atom_type != "RETRY_DETAIL":
+        return models.atom_detail_class(atom_type).from_dict(data)
+    # RetryDetail.from_dict (taskflow 6.5) replaces the value of each result
+    # that has failures by a failure dict (its inner loop reuses ``data``)
+    results = data.pop("results", None) or ()
+    ad = models.RetryDetail.from_dict(data)
+    ad.results = [(value, {k: ft.Failure.from_dict(f) for k, f in
+                           failures.items()}) for value, failures in results]
+    return ad
+
+
+def _book_from(data):
+    return models.LogBook.from_dict(json.loads(data), unmarshal_time=True)
+
+
+def _one(conn, stmt, uuid, kind):
+    row = conn.execute(stmt, {"u": uuid}).first()
+    if row is None:
+        raise exc.NotFound("No %s found with uuid '%s'" % (kind, uuid))
+    return row
+
+
+def _retryable(err):
+    if _db_exc is not None and isinstance(err, _db_exc.DBDeadlock):
+        return True
+    msg = str(getattr(err, "orig", None) or err).lower()
+    return any(marker in msg for marker in _RETRY_MARKERS)
+
+
+class SQLBackend(base.Backend):
+    """TaskFlow backend on a SQLAlchemy engine holding the ``tf_*`` tables.
+
+    A SQLite engine not yet tuned here gets :func:`tune_sqlite_engine` with
+    ``synchronous=None`` (left as the engine's creator set it; SQLite's own
+    default is FULL): call that function first to choose.
+    """
+
+    def __init__(self, engine, conf=None, owns_engine=False):
+        super().__init__(conf if conf is not None else {
+            "connection": engine.url.render_as_string()})
+        if engine.dialect.name == "sqlite" and engine not in _tuned:
+            tune_sqlite_engine(engine, None)
+        self._engine, self._owns_engine = engine, owns_engine
+        self._reader = engine.execution_options(
+            **{SQLITE_BEGIN_OPTION: "DEFERRED"})
+        self._upgrade_lock = threading.Lock()
+        # every atom update runs this pre-rendered SQL: skipping the statement
+        # cache lookup halves SQLAlchemy's cost of the statement
+        compiled = _UPD_AD.compile(dialect=engine.dialect)
+        self._upd_ad = (compiled.string, compiled.positiontup,
+                        engine.dialect.name == "sqlite")
+
+    @classmethod
+    def from_url(cls, url, sqlite_synchronous="NORMAL", **engine_kwargs):
+        """Build, tune and own an engine for ``url``."""
+        u = sa.engine.make_url(url)
+        kw = {"pool_recycle": 3600}
+        if u.get_backend_name() == "sqlite":
+            kw["connect_args"] = {"check_same_thread": False}
+            if _is_memory_sqlite(u):
+                kw["poolclass"] = sa_pool.StaticPool
+            else:
+                kw.update(poolclass=sa_pool.QueuePool, pool_size=10,
+                          max_overflow=30, pool_timeout=30)
+        elif u.get_backend_name() in ("mysql", "mariadb"):
+            kw["isolation_level"] = "READ COMMITTED"
+        engine = sa.create_engine(u, **dict(kw, **engine_kwargs))
+        tune_sqlite_engine(engine, sqlite_synchronous)
+        return cls(engine, {"connection": str(u)}, owns_engine=True)
+
+    @property
+    def engine(self):
+        return self._engine
+
+    def get_connection(self):
+        return Connection(self)
+
+    def close(self):
+        if self._owns_engine:
+            self._engine.dispose()
+
+
+class Connection(base.Connection):
+    def __init__(self, backend):
+        self._backend = backend
+
+    @property
+    def backend(self):
+        return self._backend
+
+    def close(self):
+        pass
+
+    def _run(self, write, what, fn, *args):
+        """``fn(conn, *args)``, in a write transaction if ``write``.
+
+        Lock conflicts and deadlocks are retried briefly (SQLite has already
+        waited up to busy_timeout in a failed attempt that took long: those
+        are not); other database errors raise StorageFailure.
+        """
+        engine = self._backend._engine if write else self._backend._reader
+        deadline = time.monotonic() + 2.0
+        for attempt in range(8):
+            try:
+                with engine.connect() as conn:
+                    if not write:
+                        return fn(conn, *args)
+                    with conn.begin():
+                        return fn(conn, *args)
+            except _DB_ERRORS as e:
+                if attempt < 7 and time.monotonic() < deadline and \
+                        _retryable(e):
+                    time.sleep(min(0.2, 0.005 * 2 ** attempt) *
+                               (0.5 + random.random()))
+                    continue
+                exc.raise_with_cause(exc.StorageFailure, "Failed %s" % what)
+
+    def validate(self):
+        self._run(False, "validating", lambda c: c.exec_driver_sql("SELECT 1"))
+
+    def upgrade(self):
+        with self._backend._upgrade_lock:
+            try:
+                create_schema(self._backend.engine)
+            except _DB_ERRORS:
+                exc.raise_with_cause(exc.StorageFailure, "Failed upgrading")
+
+    def clear_all(self):
+        self._run(True, "clearing all", lambda conn: [
+            conn.execute(table.delete()) for table in (_AD, _FD, _LB)])
+
+    def update_atom_details(self, atom_detail):
+        ad, (sql, order, sqlite) = atom_detail, self._backend._upd_ad
+        now = _now()
+        try:
+            row = {"b_uuid": ad.uuid, "b_type": models.atom_detail_type(ad),
+                   "state": ad.state, "data": _encode(ad.to_dict()),
+                   # as SQLAlchemy's SQLite DateTime would bind it
+                   "updated_at": now.isoformat(" ", "microseconds")
+                   if sqlite else now}
+        except (TypeError, ValueError):
+            exc.raise_with_cause(exc.StorageFailure,
+                                 "Cannot serialize atom '%s'" % ad.uuid)
+        params = row if order is None else tuple(row[k] for k in order)
+
+        def update(conn):
+            if conn.exec_driver_sql(sql, params).rowcount == 0:
+                found = _one(conn, _SEL_AD, ad.uuid, "atom details")
+                raise exc.NotImplementedError("Atom '%s' is stored as %s"
+                                              % (ad.uuid, found.atom_type))
+        self._run(True, "updating atom details '%s'" % ad.uuid, update)
+        return type(ad)(ad.name, ad.uuid).update(ad)
+
+    def _save_flow(self, conn, fd, parent_uuid, now, new=False,
+                   must_exist=True):
+        """Upsert a flow row and its atoms; return the merged flow detail."""
+        row = {"state": fd.state, "data": _encode(fd.to_dict()),
+               "updated_at": now, "b_uuid": fd.uuid}
+        stored = {}
+        if not new and conn.execute(_UPD_FD, row).rowcount:
+            stored = {r.uuid: (r.atom_type, r.data)
+                      for r in conn.execute(_SEL_AD_BY_FD, {"u": fd.uuid})}
+        elif must_exist and not new:
+            raise exc.NotFound("No flow details found with uuid '%s'" % fd.uuid)
+        else:
+            del row["b_uuid"]
+            conn.execute(_INS_FD, dict(row, uuid=fd.uuid, name=fd.name,
+                                       parent_uuid=parent_uuid))
+        merged = models.FlowDetail(fd.name, fd.uuid)
+        merged.state, merged.meta = fd.state, fd.meta
+        inserts, updates = [], []
+        for ad in fd:
+            arow = {"state": ad.state, "updated_at": now,
+                    "data": _encode(ad.to_dict())}
+            atom_type, old = models.atom_detail_type(ad), stored.pop(ad.uuid,
+                                                                     None)
+            if old is None:
+                inserts.append(dict(arow, uuid=ad.uuid, parent_uuid=fd.uuid,
+                                    name=ad.name, atom_type=atom_type))
+            elif old[0] != atom_type:
+                raise exc.NotImplementedError(
+                    "Atom '%s' is stored as %s" % (ad.uuid, old[0]))
+            elif old[1] != arow["data"]:
+                updates.append(dict(arow, b_uuid=ad.uuid, b_type=atom_type))
+            merged.add(ad)  # identity kept: Storage.inject relies on it
+        for atom_type, data in stored.values():
+            merged.add(_atom_from(atom_type, data))
+        if inserts:
+            conn.execute(_INS_AD, inserts)
+        if updates:
+            conn.execute(_UPD_AD, updates)
+        return merged
+
+    def update_flow_details(self, flow_detail, ignore_missing=False):
+        return self._run(True, "updating flow details '%s'" % flow_detail.uuid,
+                         self._save_flow, flow_detail, None, _now(), False,
+                         not ignore_missing)
+
+    def save_logbook(self, book):
+        def save(conn):
+            now = _now()
+            row = conn.execute(_SEL_LB, {"u": book.uuid}).first()
+            if row is None:
+                conn.execute(_INS_LB, {
+                    "uuid": book.uuid, "name": book.name, "updated_at": now,
+                    "data": _encode(book.to_dict(marshal_time=True))})
+                for fd in book:
+                    self._save_flow(conn, fd, book.uuid, now, new=True)
+                return book
+            e_lb = _book_from(row.data).merge(book)
+            conn.execute(_UPD_LB, {
+                "b_uuid": book.uuid, "updated_at": now,
+                "data": _encode(e_lb.to_dict(marshal_time=True))})
+            self._populate(conn, {e_lb.uuid: e_lb}, e_lb.uuid)
+            for fd in book:
+                e_lb.add(self._save_flow(conn, fd, book.uuid, now,
+                                         must_exist=False))
+            e_lb.updated_at = book.updated_at
+            return e_lb
+        return self._run(True, "saving logbook '%s'" % book.uuid, save)
+
+    def destroy_logbook(self, book_uuid):
+        def destroy(conn):
+            for stmt in _DEL_BOOK:
+                deleted = conn.execute(stmt, {"u": book_uuid}).rowcount
+            if not deleted:
+                raise exc.NotFound("No logbook found with uuid '%s'" % book_uuid)
+        self._run(True, "destroying logbook '%s'" % book_uuid, destroy)
+
+    @staticmethod
+    def _populate(conn, books, book_uuid=None, lazy=False):
+        """Add to ``books`` (uuid -> book) their flows (and atoms unless
+        ``lazy``), keeping the ``updated_at`` that ``LogBook.add`` stamps."""
+        one = book_uuid is not None
+        stamps = {u: b.updated_at for u, b in books.items()}
+        flows = {}
+        for parent_uuid, data in conn.execute(
+                _SEL_FD_BY_LB if one else _SEL_FDS, {"u": book_uuid}):
+            if parent_uuid in books:
+                fd = models.FlowDetail.from_dict(json.loads(data))
+                flows[fd.uuid] = fd
+                books[parent_uuid].add(fd)
+        for u, stamp in stamps.items():
+            books[u].updated_at = stamp
+        if flows and not lazy:
+            for _, parent_uuid, atom_type, data in conn.execute(
+                    _SEL_AD_BY_LB if one else _SEL_ADS, {"u": book_uuid}):
+                if parent_uuid in flows:
+                    flows[parent_uuid].add(_atom_from(atom_type, data))
+        return list(flows.values())
+
+    def get_logbook(self, book_uuid, lazy=False):
+        def get(conn):
+            book = _book_from(_one(conn, _SEL_LB, book_uuid, "logbook").data)
+            if not lazy:
+                self._populate(conn, {book_uuid: book}, book_uuid)
+            return book
+        return self._run(False, "getting logbook '%s'" % book_uuid, get)
+
+    def get_logbooks(self, lazy=False):
+        def get(conn):
+            books = {b.uuid: b for b in map(_book_from, conn.execute(
+                sa.select(_LB.c.data)).scalars())}
+            if books and not lazy:
+                self._populate(conn, books)
+            return list(books.values())
+        return self._run(False, "getting logbooks", get)
+
+    def get_flows_for_book(self, book_uuid, lazy=False):
+        def get(conn):
+            holder = models.LogBook("holder", uuid=book_uuid)
+            flows = self._populate(conn, {book_uuid: holder}, book_uuid, lazy)
+            if not flows:
+                _one(conn, _SEL_LB, book_uuid, "logbook")
+            return flows
+        return self._run(False, "getting flows of '%s'" % book_uuid, get)
+
+    def get_flow_details(self, fd_uuid, lazy=False):
+        def get(conn):
+            row = _one(conn, _SEL_FD, fd_uuid, "flow details")
+            fd = models.FlowDetail.from_dict(json.loads(row.data))
+            if not lazy:
+                for r in conn.execute(_SEL_AD_BY_FD, {"u": fd_uuid}):
+                    fd.add(_atom_from(r.atom_type, r.data))
+            return fd
+        return self._run(False, "getting flow details '%s'" % fd_uuid, get)
+
+    def get_atom_details(self, ad_uuid):
+        def get(conn):
+            row = _one(conn, _SEL_AD, ad_uuid, "atom details")
+            return _atom_from(row.atom_type, row.data)
+        return self._run(False, "getting atom details '%s'" % ad_uuid, get)
+
+    def get_atoms_for_flow(self, fd_uuid):
+        def get(conn):
+            atoms = [_atom_from(r.atom_type, r.data)
+                     for r in conn.execute(_SEL_AD_BY_FD, {"u": fd_uuid})]
+            if not atoms:
+                _one(conn, _SEL_FD, fd_uuid, "flow details")
+            return atoms
+        return self._run(False, "getting atoms of '%s'" % fd_uuid, get)

@@ -1,0 +1,53 @@
+"""Packaging: the repository root is the package root of ``migrateflow``.
+
+``package_dir={"migrateflow": "."}`` maps the top-level folders (flows/, tasks/,
+drivers/, conf/, ...) to ``migrateflow.flows``, ``migrateflow.tasks``, ... so
+nothing named flows/tasks/conf/tests lands top-level in site-packages.  Tests
+and benchmarks stay out of the wheel.
+"""
+from setuptools import setup
+
+PACKAGES = [
+    "migrateflow",
+    "migrateflow.conf",
+    "migrateflow.db",
+    "migrateflow.db.migrations",
+    "migrateflow.db.migrations.versions",
+    "migrateflow.drivers",
+    "migrateflow.flows",
+    "migrateflow.tasks",
+]
+
+setup(
+    name="migrateflow",
+    version="0.1.0",
+    description="Durable TaskFlow workflows that move virtual machines between compute hosts",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    package_dir={"migrateflow": "."},
+    packages=PACKAGES,
+    package_data={"migrateflow.db.migrations": ["script.py.mako"]},
+    install_requires=[
+        "taskflow>=6.0",
+        "oslo.config>=9.0",
+        "oslo.db>=17.0",
+        "alembic>=1.13",
+        "SQLAlchemy>=2.0",
+        "stevedore>=5.0",
+        "tenacity>=8.0",
+        "rich>=13.0",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "build>=1.0"],
+        "sql-servers": ["psycopg2-binary>=2.9", "PyMySQL>=1.1"],
+    },
+    entry_points={
+        "console_scripts": ["migrateflow = migrateflow.cli:main"],
+        "oslo.config.opts": ["migrateflow = migrateflow.conf:list_opts"],
+        "migrateflow.drivers": [
+            "fake = migrateflow.drivers.fake:FakeDriver",
+        ],
+    },
+)

@@ -1,0 +1,163 @@
+"""Live migration, phase 3: copy the running guest and watch the copy.
+
+The watch loop is the engine's, not the driver's, so every driver gets the
+same progress records, downtime steps, completion timeout, operator abort
+and force-complete.  A re-run after a crash looks at the hypervisors first:
+a job still running is watched again, a guest already on the destination
+is done; only when neither holds is a new job started.
+"""
+import logging
+import math
+import time
+
+from migrateflow import exceptions as exc
+from migrateflow.conf import CONF
+from migrateflow.states import LiveMigrationStatus as Status
+from migrateflow.states import PowerState
+from migrateflow.tasks import base
+
+_ACTIVE = [Status.PREPARING, Status.RUNNING]
+
+
+class PointOfNoReturn(exc.MigrateflowError):
+    """Raised by a revert to stop a rollback: the guest already runs on the
+    destination, and nothing may move it back."""
+
+
+def data_gb(instance, block_migration):
+    """Nova's sizing of timeouts: memory (plus disk for block migration),
+    at least 2 GiB."""
+    size = instance["memory_mb"] / 1024.0
+    if block_migration and not instance["volume_backed"]:
+        size += instance["disk_gb"]
+    return max(2.0, size)
+
+
+def downtime_steps(size_gb, conf=CONF):
+    """(job seconds, max downtime ms) pairs, Nova's linear ramp."""
+    opts = conf.migration
+    delay = int(opts.live_migration_downtime_delay * size_gb)
+    steps = opts.live_migration_downtime_steps
+    base_ms = opts.live_migration_downtime / steps
+    offset = (opts.live_migration_downtime - base_ms) / steps
+    return [(delay * i, int(base_ms + offset * i)) for i in range(steps + 1)]
+
+
+def guest_on_destination(driver, source, dest, instance_uuid):
+    """True when the guest runs on ``dest`` and no longer runs on ``source``."""
+    at_dest = driver.get_guest(dest, instance_uuid)
+    at_source = driver.get_guest(source, instance_uuid)
+    return (at_dest is not None and at_dest["state"] == PowerState.RUNNING
+            and (at_source is None or at_source["state"] != PowerState.RUNNING))
+
+
+class LiveMigrate(base.MigrationTask):
+    """live_migration: start (or re-attach to) the copy and watch it.
+
+    Reverts by: aborting a job still running, so the guest keeps running on
+    the source; if the guest already runs on the destination the rollback
+    is stopped (PointOfNoReturn) and the migration is marked error there.
+    """
+
+    NAME = "live-migration"
+
+    def execute(self, migration_id, instance_id, source_host, dest_host, migrate_data):
+        drv = self.driver
+        inst = self.instance(instance_id)
+        size = data_gb(inst, migrate_data["block_migration"])
+        steps = downtime_steps(size)
+        # a re-run after a crash: a job still running (also in post-copy,
+        # when the guest already runs on the destination) is watched again;
+        # a finished move is only recorded
+        job = drv.get_migration_job(source_host, inst)
+        running = job is not None and job["status"] == "running"
+        if not running and guest_on_destination(drv, source_host, dest_host, instance_id):
+            if job is not None:
+                self._record(migration_id, job)
+            return self._summary(job)
+        mig = self.db.get_migration(migration_id)
+        if mig["abort_requested"] and not running:
+            raise exc.MigrationAborted(f"migration {migration_id} aborted before the copy")
+        if not self.db.update_migration(migration_id, expected_statuses=_ACTIVE,
+                                        status=Status.RUNNING):
+            raise exc.InvalidMigrationState(
+                f"migration {migration_id} is {mig['status']}, cannot run")
+        if not running:
+            opts = CONF.migration
+            drv.live_migration(source_host, inst, dest_host, migrate_data, {
+                "bandwidth_mbps": opts.live_migration_bandwidth,
+                "downtime_ms": steps[0][1],
+                "auto_converge": opts.live_migration_permit_auto_converge,
+                "post_copy": opts.live_migration_permit_post_copy,
+            })
+        job = self._watch(drv, migration_id, inst, source_host, size, steps)
+        return self._summary(job)
+
+    def _watch(self, drv, migration_id, inst, source_host, size, steps):
+        opts = CONF.migration
+        timeout = opts.live_migration_completion_timeout * size
+        next_step = 1
+        forced = False
+        while True:
+            job = drv.get_migration_job(source_host, inst)
+            if job is None:
+                raise exc.DriverError(f"migration job of {inst['uuid']} vanished "
+                                      f"from {source_host}")
+            self._record(migration_id, job)
+            if job["status"] == "completed":
+                return job
+            if job["status"] != "running":
+                raise exc.DriverError(f"migration job {job['status']}: "
+                                      f"{job.get('error') or 'no reason given'}")
+            elapsed = job["time_elapsed"]
+            while next_step < len(steps) and elapsed >= steps[next_step][0]:
+                drv.live_migration_set_downtime(source_host, inst, steps[next_step][1])
+                next_step += 1
+            mig = self.db.get_migration(migration_id)
+            if mig["abort_requested"] and not job["post_copy"]:
+                drv.live_migration_abort(source_host, inst)
+                raise exc.MigrationAborted(f"migration {migration_id} aborted by operator")
+            if mig["force_complete_requested"] and not forced:
+                forced = True
+                drv.live_migration_force_complete(source_host, inst)
+            if timeout and elapsed > timeout and not forced:
+                if opts.live_migration_timeout_action == "force_complete":
+                    forced = True
+                    drv.live_migration_force_complete(source_host, inst)
+                elif not job["post_copy"]:
+                    drv.live_migration_abort(source_host, inst)
+                    raise exc.MigrationTimeout(
+                        f"live migration did not complete within {timeout:.0f} s "
+                        f"({opts.live_migration_completion_timeout} s/GiB × {size:.1f} GiB); "
+                        "aborted, the guest stays on the source")
+            if opts.live_migration_poll_interval:
+                time.sleep(opts.live_migration_poll_interval)
+
+    def _record(self, migration_id, job):
+        self.db.update_migration(
+            migration_id,
+            memory_total_mb=int(job["memory_total_mb"]),
+            memory_processed_mb=int(job["memory_processed_mb"]),
+            memory_remaining_mb=int(math.ceil(job["memory_remaining_mb"])),
+            dirty_rate_mbps=float(job["dirty_rate_mbps"]),
+            iteration=int(job["iteration"]),
+            downtime_ms=job.get("downtime_ms"),
+            post_copy=bool(job.get("post_copy")))
+
+    @staticmethod
+    def _summary(job):
+        job = job or {}
+        return {"downtime_ms": job.get("downtime_ms"), "iteration": job.get("iteration"),
+                "time_elapsed": job.get("time_elapsed"), "post_copy": job.get("post_copy")}
+
+    def revert(self, result, migration_id, instance_id, source_host, dest_host, **kwargs):
+        drv = self.driver
+        inst = self.instance(instance_id)
+        if guest_on_destination(drv, source_host, dest_host, instance_id):
+            self.log(logging.ERROR, "guest runs on the destination: rollback stopped",
+                     migration_id, dest=dest_host)
+            raise PointOfNoReturn(
+                f"instance {instance_id} already runs on {dest_host}; not moving it back")
+        job = drv.get_migration_job(source_host, inst)
+        if job is not None and job["status"] == "running":
+            drv.live_migration_abort(source_host, inst)

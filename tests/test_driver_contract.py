@@ -1,0 +1,258 @@
+"""The ComputeDriver contract, run against every driver.
+
+Tests speak only the ABC methods plus a small per-driver *harness* that knows
+how to build hosts and guests for its driver and how to look at a host's
+state (VIFs, volume connections, instance files, guests).  Adding a driver
+means adding a harness class to HARNESSES.
+"""
+import pytest
+
+from migrateflow import exceptions
+from migrateflow.drivers.fake import FakeDriver
+
+NET = [{"port_id": "4b1d0c8e-2f7a-4e39-8c55-93a1f0d2e6b7", "mac": "fa:16:3e:00:00:02",
+        "network_id": "net-1"}]
+BDI = [{"volume_id": "vol-9", "device": "/dev/vdb"}]
+PARAMS = {"bandwidth_mbps": 0, "downtime_ms": 500, "auto_converge": False,
+          "post_copy": False}
+
+
+class FakeHarness:
+    """Hosts and guests of the fake driver, in a SQLite file under tmp_path.
+
+    make_host facts: shared_storage (group name), cpu_features, disk_gb,
+    memory_mb; make_guest starts a running guest with its VIFs and volumes.
+    """
+
+    def __init__(self, tmp_path):
+        self.driver = FakeDriver(str(tmp_path / "contract-hv.sqlite"))
+
+    def make_host(self, name, **facts):
+        self.driver.add_host(name, **facts)
+        return name
+
+    def make_guest(self, host, instance, network_info=NET, block_device_info=BDI):
+        self.driver.spawn(host, instance, network_info, block_device_info)
+
+    def set_dirty_rate(self, instance_uuid, mbps):
+        self.driver.set_dirty_rate(instance_uuid, mbps)
+
+    def path_exists(self, host, path):
+        return any(f["path"] == path for f in self.driver.files(host))
+
+    def host_state(self, host):
+        """Everything a migration may leave behind on ``host``, comparable."""
+        return {"vifs": self.driver.vifs(host),
+                "volumes": self.driver.volume_connections(host),
+                "files": self.driver.files(host),
+                "guests": self.driver.guests(host)}
+
+
+HARNESSES = {"fake": FakeHarness}
+
+
+@pytest.fixture(params=sorted(HARNESSES))
+def harness(request, tmp_path):
+    return HARNESSES[request.param](tmp_path)
+
+
+@pytest.fixture
+def driver(harness):
+    return harness.driver
+
+
+def make_instance(uuid="c0ffee00-0000-4000-8000-000000000001", disk_gb=20,
+                  volume_backed=False):
+    return {"uuid": uuid, "name": f"vm-{uuid[:8]}", "memory_mb": 2048, "vcpus": 2,
+            "disk_gb": disk_gb, "volume_backed": volume_backed}
+
+
+@pytest.fixture(params=["local", "shared"])
+def cloud(request, harness):
+    """Two hosts (shared instance storage or not) and a guest on src."""
+    group = "nfs-1" if request.param == "shared" else None
+    harness.make_host("src", shared_storage=group)
+    harness.make_host("dst", shared_storage=group)
+    instance = make_instance()
+    harness.make_guest("src", instance)
+    return {"shared": group is not None, "instance": instance}
+
+
+def run_checks(driver, instance, block_migration=None):
+    dest_check = driver.check_can_live_migrate_destination(
+        "dst", instance, driver.get_host_info("src"), block_migration)
+    try:
+        return driver.check_can_live_migrate_source("src", instance, dest_check)
+    finally:
+        driver.cleanup_live_migration_destination_check("dst", instance, dest_check)
+
+
+def wait_for_job(driver, instance, polls=500):
+    for _ in range(polls):
+        job = driver.get_migration_job("src", instance)
+        if job["status"] != "running":
+            return job
+    pytest.fail(f"migration still running after {polls} polls: {job}")
+
+
+class TestComputeDriverContract:
+    def test_host_info_and_guests(self, driver, cloud):
+        info = driver.get_host_info("src")
+        assert set(info) == {"hypervisor_type", "hypervisor_version", "cpu_model",
+                             "cpu_features", "memory_mb", "memory_free_mb", "disk_gb",
+                             "disk_free_gb"}
+        assert isinstance(info["hypervisor_version"], int)
+        assert info["memory_free_mb"] <= info["memory_mb"] - 2048
+        uuid = cloud["instance"]["uuid"]
+        guest = driver.get_guest("src", uuid)
+        assert guest == {"uuid": uuid, "name": cloud["instance"]["name"],
+                         "state": "running", "persistent": True}
+        assert driver.list_guests("src") == [guest]
+        assert driver.get_guest("dst", uuid) is None
+        with pytest.raises(exceptions.HostNotFound):
+            driver.get_host_info("no-such-host")
+
+    def test_check_pair_makes_and_removes_the_probe(self, harness, driver, cloud):
+        instance = cloud["instance"]
+        dest_check = driver.check_can_live_migrate_destination(
+            "dst", instance, driver.get_host_info("src"), None)
+        assert set(dest_check) == {"dest", "probe_file", "disk_available_gb",
+                                   "block_migration"}
+        assert harness.path_exists("dst", dest_check["probe_file"])
+        assert harness.path_exists("src", dest_check["probe_file"]) is cloud["shared"]
+        driver.cleanup_live_migration_destination_check("dst", instance, dest_check)
+        driver.cleanup_live_migration_destination_check("dst", instance, dest_check)
+        assert not harness.path_exists("dst", dest_check["probe_file"])
+
+    def test_destination_check_cleanup_without_the_checks_reply(self, harness, cloud):
+        driver, instance = harness.driver, cloud["instance"]
+        dest_check = driver.check_can_live_migrate_destination(
+            "dst", instance, driver.get_host_info("src"), None)
+        driver.cleanup_live_migration_destination_check("dst", instance, None)
+        assert not harness.path_exists("dst", dest_check["probe_file"])
+
+    def test_source_check_decides_block_migration(self, driver, cloud):
+        migrate_data = run_checks(driver, cloud["instance"])
+        assert migrate_data == {"source": "src", "dest": "dst",
+                                "block_migration": not cloud["shared"],
+                                "is_shared_instance_path": cloud["shared"]}
+
+    def test_storage_errors(self, driver, cloud):
+        instance = cloud["instance"]
+        if cloud["shared"]:
+            with pytest.raises(exceptions.InvalidSharedStorage):
+                run_checks(driver, instance, block_migration=True)
+        else:
+            with pytest.raises(exceptions.InvalidLocalStorage):
+                run_checks(driver, instance, block_migration=False)
+            volume_backed = dict(instance, volume_backed=True)
+            assert run_checks(driver, volume_backed, False)["block_migration"] is False
+
+    def test_block_migration_needs_disk_on_destination(self, harness, driver):
+        harness.make_host("src")
+        harness.make_host("dst", disk_gb=10)
+        instance = make_instance(disk_gb=20)
+        harness.make_guest("src", instance)
+        with pytest.raises(exceptions.InsufficientResources):
+            run_checks(driver, instance, block_migration=True)
+        with pytest.raises(exceptions.InsufficientResources):
+            run_checks(driver, instance, block_migration=None)
+
+    def test_cpu_incompatibility(self, harness, driver):
+        harness.make_host("src", cpu_features=["sse4.2", "avx", "avx2"])
+        harness.make_host("dst", cpu_features=["sse4.2", "avx"])
+        instance = make_instance()
+        harness.make_guest("src", instance)
+        before = harness.host_state("dst")
+        with pytest.raises(exceptions.CPUIncompatible, match="avx2"):
+            driver.compare_cpu("dst", driver.get_host_info("src"))
+        with pytest.raises(exceptions.CPUIncompatible, match="avx2"):
+            run_checks(driver, instance)
+        assert harness.host_state("dst") == before
+        driver.compare_cpu("src", driver.get_host_info("dst"))   # subset is fine
+
+    def test_pre_live_migration_and_rollback_restore_the_destination(
+            self, harness, driver, cloud):
+        instance = cloud["instance"]
+        migrate_data = run_checks(driver, instance)
+        before = harness.host_state("dst")
+        for _ in range(2):
+            result = driver.pre_live_migration("dst", instance, BDI, NET, migrate_data)
+        assert result["dest"] == "dst"
+        prepared = harness.host_state("dst")
+        assert [v["port_id"] for v in prepared["vifs"]] == [NET[0]["port_id"]]
+        assert [v["volume_id"] for v in prepared["volumes"]] == [BDI[0]["volume_id"]]
+        assert harness.path_exists("dst", f"/var/lib/migrateflow/instances/{instance['uuid']}")
+        for _ in range(2):
+            driver.rollback_live_migration_at_destination("dst", instance, BDI, NET,
+                                                          migrate_data)
+        assert harness.host_state("dst") == before
+        assert driver.get_guest("src", instance["uuid"])["state"] == "running"
+
+    def test_rollback_removes_a_partial_incoming_guest(self, harness, driver, cloud):
+        instance = cloud["instance"]
+        migrate_data = run_checks(driver, instance)
+        before = harness.host_state("dst")
+        driver.pre_live_migration("dst", instance, BDI, NET, migrate_data)
+        harness.set_dirty_rate(instance["uuid"], 4096)
+        driver.live_migration("src", instance, "dst", migrate_data, PARAMS)
+        driver.rollback_live_migration_at_destination("dst", instance, BDI, NET, migrate_data)
+        assert harness.host_state("dst") == before
+        assert wait_for_job(driver, instance)["status"] == "failed"
+        assert driver.get_guest("src", instance["uuid"])["state"] == "running"
+
+    def test_full_live_migration(self, harness, driver, cloud):
+        instance, uuid = cloud["instance"], cloud["instance"]["uuid"]
+        migrate_data = run_checks(driver, instance)
+        migrate_data = driver.pre_live_migration("dst", instance, BDI, NET, migrate_data)
+        driver.live_migration("src", instance, "dst", migrate_data, PARAMS)
+        driver.live_migration("src", instance, "dst", migrate_data, PARAMS)  # re-attach
+        job = wait_for_job(driver, instance)
+        assert job["status"] == "completed"
+        assert job["memory_processed_mb"] >= job["memory_total_mb"]
+        assert job["downtime_ms"] is not None
+        assert driver.get_guest("src", uuid) is None
+        for _ in range(2):
+            driver.post_live_migration_at_source("src", instance, BDI, NET)
+            state = driver.post_live_migration_at_destination(
+                "dst", instance, NET, migrate_data["block_migration"])
+        assert state == "running"
+        driver.cleanup("src", instance, destroy_disks=True)
+        driver.cleanup("src", instance, destroy_disks=True)
+        src = harness.host_state("src")
+        assert src["vifs"] == src["volumes"] == src["guests"] == []
+        assert harness.path_exists("src", f"/var/lib/migrateflow/instances/{uuid}") is \
+            cloud["shared"]
+        assert driver.get_guest("dst", uuid) == {"uuid": uuid, "name": instance["name"],
+                                                 "state": "running", "persistent": True}
+        dst = harness.host_state("dst")
+        assert len(dst["vifs"]) == len(dst["volumes"]) == 1
+
+    def test_abort_keeps_the_guest_on_the_source(self, harness, driver, cloud):
+        instance, uuid = cloud["instance"], cloud["instance"]["uuid"]
+        driver.live_migration_abort("src", instance)                  # no job: no-op
+        migrate_data = run_checks(driver, instance)
+        driver.pre_live_migration("dst", instance, BDI, NET, migrate_data)
+        harness.set_dirty_rate(uuid, 4096)
+        driver.live_migration("src", instance, "dst", migrate_data, PARAMS)
+        driver.get_migration_job("src", instance)
+        driver.live_migration_abort("src", instance)
+        driver.live_migration_abort("src", instance)
+        assert wait_for_job(driver, instance)["status"] == "cancelled"
+        assert driver.get_guest("src", uuid)["state"] == "running"
+        assert driver.get_guest("dst", uuid) is None
+
+    def test_post_at_source_refuses_a_running_guest(self, driver, cloud):
+        with pytest.raises(exceptions.DriverError):
+            driver.post_live_migration_at_source("src", cloud["instance"], BDI, NET)
+        assert driver.get_guest("src", cloud["instance"]["uuid"])["state"] == "running"
+
+    def test_spawn_and_destroy_are_idempotent(self, harness, driver, cloud):
+        before = harness.host_state("dst")
+        instance = make_instance("c0ffee00-0000-4000-8000-000000000002")
+        for _ in range(2):
+            driver.spawn("dst", instance, [], [])
+        assert driver.get_guest("dst", instance["uuid"])["state"] == "running"
+        for _ in range(2):
+            driver.destroy("dst", instance, destroy_disks=True)
+        assert harness.host_state("dst") == before
