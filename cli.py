@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from migrateflow import api as api_mod
-from migrateflow import graph
+from migrateflow import graph, scheduler
 from migrateflow import exceptions as exc
 from migrateflow.conf import CONF
 from migrateflow.states import LIVE_TERMINAL
@@ -184,13 +184,12 @@ def _table(console, title, headers, rows):
 
 
 def cmd_host_list(args, console, api):
-    def version(n):  # libvirt-style integer: 7002000 is 7.2.0
-        return f"{n // 1000000}.{n // 1000 % 1000}.{n % 1000}"
     _table(console, "Hosts", ["name", "state", "hypervisor", "cpu model", "memory MiB used/total",
                               "disk GB used/total", "shared storage"],
            [(h["name"], ("up" if h["up"] and not h["forced_down"] else "down")
              + (", disabled" if h["disabled"] else ""),
-             f"{h['hypervisor_type']} {version(h['hypervisor_version'])}", h["cpu_model"],
+             f"{h['hypervisor_type']} {scheduler.version_str(h['hypervisor_version'])}",
+             h["cpu_model"],
              f"{h['memory_used_mb']}/{h['memory_mb']}", f"{h['disk_used_gb']}/{h['disk_gb']}",
              h["shared_storage"]) for h in api.list_hosts()])
 

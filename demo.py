@@ -81,7 +81,7 @@ class Demo:
     def summary(self):
         for h in self.db.list_hosts():
             guests = ", ".join(i["name"] for i in self.db.list_instances(host=h["name"]))
-            version = ".".join(str(h["hypervisor_version"] // 1000 ** k % 1000) for k in (2, 1, 0))
+            version = scheduler.version_str(h["hypervisor_version"])
             self.out(f"   {h['name']:<10} {h['hypervisor_type']} {version:<6} "
                      f"storage={h['shared_storage'] or 'local':<6} memory "
                      f"{h['memory_used_mb']:>6}/{h['memory_mb']:<6} MiB  guests: {guests or '-'}")

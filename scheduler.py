@@ -22,6 +22,11 @@ def validate_host_name(name):
     return name
 
 
+def version_str(version):
+    """libvirt's integer versions read as people write them: 7002000 → 7.2.0."""
+    return ".".join(str(version // 1000 ** k % 1000) for k in (2, 1, 0))
+
+
 def free_memory_mb(host):
     return host["memory_mb"] - host["memory_reserved_mb"] - host["memory_used_mb"]
 
@@ -52,8 +57,9 @@ def check_destination(instance, source, dest):
             f"{dest['hypervisor_type']}")
     if dest["hypervisor_version"] < source["hypervisor_version"]:
         raise exc.HypervisorMismatch(
-            f"destination {dest['name']} hypervisor version {dest['hypervisor_version']} "
-            f"is older than source version {source['hypervisor_version']}")
+            f"destination {dest['name']} hypervisor version "
+            f"{version_str(dest['hypervisor_version'])} is older than source version "
+            f"{version_str(source['hypervisor_version'])}")
     missing = sorted(set(source["cpu_features"]) - set(dest["cpu_features"]))
     if missing:
         raise exc.CPUIncompatible(
