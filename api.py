@@ -18,7 +18,7 @@ from migrateflow.conf import CONF
 from migrateflow.db import api as db_api
 from migrateflow.flows import live_migration
 from migrateflow.keys import StoreKey
-from migrateflow.states import LIVE_TERMINAL, MigrationType, PowerState, TaskState, VmState
+from migrateflow.states import LIVE_TERMINAL, MigrationType, TaskState
 from migrateflow.states import LiveMigrationStatus as Status
 
 LOG = logging.getLogger(__name__)
@@ -69,10 +69,7 @@ class MigrationAPI:
         if inst["task_state"] is not None:
             raise exc.InstanceBusy(
                 f"instance {instance_id} is busy: task_state is {inst['task_state']!r}")
-        if inst["vm_state"] != VmState.ACTIVE or inst["power_state"] != PowerState.RUNNING:
-            raise exc.InstanceInvalidState(
-                f"instance {instance_id} must be active and running to live-migrate, "
-                f"it is {inst['vm_state']}/{inst['power_state']}")
+        scheduler.check_live_migratable(inst)
         source = db.get_host(inst["host"])
         scheduler.check_host_usable(source, "source")
         candidates, refused = self._candidates(inst, source, host, block_migration)

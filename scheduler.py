@@ -7,6 +7,7 @@ since the request was accepted).
 import re
 
 from migrateflow import exceptions as exc
+from migrateflow.states import PowerState, VmState
 
 # RFC 1123 host names: dot-separated labels of letters, digits and inner
 # hyphens; these names end up in hypervisor URIs, so nothing else passes.
@@ -25,6 +26,15 @@ def validate_host_name(name):
 def version_str(version):
     """libvirt's integer versions read as people write them: 7002000 → 7.2.0."""
     return ".".join(str(version // 1000 ** k % 1000) for k in (2, 1, 0))
+
+
+def check_live_migratable(instance):
+    """Only an active, running instance can be live-migrated."""
+    if (instance["vm_state"] != VmState.ACTIVE
+            or instance["power_state"] != PowerState.RUNNING):
+        raise exc.InstanceInvalidState(
+            f"instance {instance['uuid']} must be active and running to live-migrate, "
+            f"it is {instance['vm_state']}/{instance['power_state']}")
 
 
 def free_memory_mb(host):

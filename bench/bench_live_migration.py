@@ -101,6 +101,8 @@ def migrate_many(client, uuids, count, checkpoints, rss):
         times.append(time.perf_counter() - started)
         if mig["status"] != "completed":
             sys.exit(f"migration {i} ended {mig['status']}: {mig['error']}")
+        if (i + 1) % 100 == 0:
+            print(f"  ... {i + 1}: median of last 100 {statistics.median(times[-100:]) * 1000:.1f} ms", flush=True)
         if i + 1 in checkpoints:
             gc.collect()
             rss[i + 1] = rss_mb()

@@ -5,7 +5,7 @@ import logging
 from migrateflow import exceptions as exc
 from migrateflow import scheduler
 from migrateflow.states import LiveMigrationStatus as Status
-from migrateflow.states import PowerState, VmState
+from migrateflow.states import PowerState
 from migrateflow.tasks import base
 
 
@@ -48,10 +48,7 @@ class CheckInstanceAndSource(base.MigrationTask):
         if inst["host"] != source_host:
             raise exc.InstanceInvalidState(
                 f"instance {instance_id} is on {inst['host']}, not {source_host}")
-        if inst["vm_state"] != VmState.ACTIVE or inst["power_state"] != PowerState.RUNNING:
-            raise exc.InstanceInvalidState(
-                f"instance {instance_id} must be active and running to live-migrate, "
-                f"it is {inst['vm_state']}/{inst['power_state']}")
+        scheduler.check_live_migratable(inst)
         scheduler.check_host_usable(self.db.get_host(source_host), "source")
         guest = self.driver.get_guest(source_host, instance_id)
         if guest is None or guest["state"] != PowerState.RUNNING:
