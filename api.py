@@ -8,6 +8,7 @@ and runs the flow; the returned migration record tells how it ended.
 """
 import logging
 import threading
+import time
 
 from taskflow import exceptions as tf_exc
 
@@ -45,13 +46,17 @@ class MigrationAPI:
         """Live-migrate ``instance_id`` to ``host`` (or the best candidate).
 
         ``block_migration``: True / False, or None to decide from shared
-        storage.  With ``wait`` the flow runs in this thread and the final
-        migration record is returned; otherwise it runs in a background
-        thread and the queued record is returned at once: poll
-        ``show_migration`` and call ``wait`` (the interpreter also waits for
-        running flows before it exits).
+        storage.  With ``[jobboard] enabled`` the flow is posted as a job
+        for the conductors; otherwise it runs in this process.  With
+        ``wait`` the final migration record is returned; otherwise the
+        queued record is returned at once: poll ``show_migration`` or call
+        ``wait`` (the interpreter also waits for flows running in-process
+        before it exits).
         """
         mig, store = self._accept_live_migration(instance_id, host, block_migration)
+        if self.conf.jobboard.enabled:
+            self._post(live_migration.build, store, mig)
+            return self.wait(mig["uuid"]) if wait else self.db.get_migration(mig["uuid"])
         if not wait:
             thread = threading.Thread(target=self._run_quietly, name=f"lm-{mig['uuid']}",
                                       args=(live_migration.build, store, mig["uuid"]))
@@ -114,6 +119,19 @@ class MigrationAPI:
         # None closes the list: the flow reports NoValidHost with the reasons
         return names + [None], refused
 
+    def _post(self, factory, store, mig):
+        try:
+            engine.post(factory, store, mig["uuid"])
+        except Exception as err:
+            # nothing ran: release the instance, say why
+            self.db.finish_migration(
+                mig["uuid"], mig["instance_uuid"], Status.FAILED,
+                expected_statuses=[Status.QUEUED],
+                error=f"could not post the job: {type(err).__name__}: {err}")
+            raise exc.MigrateflowError(
+                f"migration {mig['uuid']} not started: the jobboard refused the job "
+                f"({type(err).__name__}: {err})") from err
+
     def _run_quietly(self, factory, store, migration_id):
         try:
             engine.run(factory, store, migration_id, listeners=self.listeners)
@@ -147,25 +165,41 @@ class MigrationAPI:
         return self.db.get_migration(migration_id)
 
     def resume(self, migration_id):
-        """Continue an interrupted migration's flow from its last step."""
+        """Continue an interrupted migration's flow from its last step: in
+        this process, or (jobboard mode) by posting its job again when the
+        board lost it.  Returns the record once the migration ended."""
         mig = self.db.get_migration(migration_id)
         if mig["status"] in LIVE_TERMINAL:
             return mig
+        if self.conf.jobboard.enabled:
+            board_jobs = {job.uuid for job in engine.get_board().iterjobs(ensure_fresh=True)}
+            if mig["job_uuid"] not in board_jobs:
+                engine.repost(migration_id)
+            return self.wait(migration_id)
         try:
             engine.resume(migration_id, listeners=self.listeners)
         except Exception as err:  # noqa: BLE001 - the record carries the outcome
             LOG.info("migration=%s resume ended with %s", migration_id, err)
         return self.db.get_migration(migration_id)
 
-    def wait(self, migration_id, timeout=None):
-        """Wait for a flow started with ``wait=False`` to end; returns the
-        migration record (still running if ``timeout`` elapsed)."""
+    def wait(self, migration_id, timeout=None, poll=0.05):
+        """Wait for a migration to end (run in-process with ``wait=False``, or
+        by a conductor); returns the record, transitional only if
+        ``timeout`` elapsed."""
         thread = self._threads.get(migration_id)
         if thread is not None:
             thread.join(timeout)
             if not thread.is_alive():
                 self._threads.pop(migration_id, None)
-        return self.db.get_migration(migration_id)
+            return self.db.get_migration(migration_id)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            mig = self.db.get_migration(migration_id)
+            if mig["status"] in LIVE_TERMINAL:
+                return mig
+            if deadline is not None and time.monotonic() >= deadline:
+                return mig
+            time.sleep(poll)
 
     # -- queries --------------------------------------------------------------
     def flow_steps(self, migration_id):

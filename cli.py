@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from migrateflow import api as api_mod
-from migrateflow import graph, scheduler
+from migrateflow import graph, scheduler, service, sweeper
 from migrateflow import exceptions as exc
 from migrateflow.conf import CONF
 from migrateflow.states import LIVE_TERMINAL
@@ -203,13 +203,44 @@ def cmd_instance_list(args, console, api):
 
 
 def cmd_migration_list(args, console, api):
-    _table(console, "Migrations", ["uuid", "instance", "type", "status", "source → dest",
-                                   "current/failed step", "error"],
+    if args.stuck:
+        migrations = sweeper.find_stuck()
+        title = (f"Stuck migrations (transitional, untouched for more than "
+                 f"{CONF.jobboard.stuck_after} s): {len(migrations)}")
+    else:
+        migrations = api.list_migrations(instance_id=args.instance, status=args.status)
+        title = "Migrations"
+    _table(console, title, ["uuid", "instance", "type", "status", "source → dest",
+                            "current/failed step", "error"],
            [(m["uuid"], m["instance_uuid"], m["migration_type"], m["status"],
              f"{m['source_host']} → {m['dest_host'] or m['requested_dest'] or '?'}",
              m["current_step"] or (m["failed_step"] and f"failed: {m['failed_step']}"),
              _short(m["error"], 50) or None)
-            for m in api.list_migrations(instance_id=args.instance, status=args.status)])
+            for m in migrations])
+
+
+def cmd_sweep(args, console, api):
+    done = sweeper.sweep()
+    for migration_id, action in done:
+        print(f"{migration_id}: {action}")
+    print(f"{len(done)} stuck migration(s) handled")
+
+
+def cmd_migration_resume(args, console, api):
+    mig = api.resume(args.migration)
+    print(f"migration {mig['uuid']} {mig['status']}"
+          + (f": {mig['error']}" if mig["error"] else ""))
+    return 0 if mig["status"] == Status.COMPLETED else 1
+
+
+def cmd_conductor(args, console, api):
+    if args.workers:
+        CONF.set_override("conductor_workers", args.workers, group="jobboard")
+    try:
+        return service.run_conductor()
+    finally:
+        if args.workers:
+            CONF.clear_override("conductor_workers", group="jobboard")
 
 
 def cmd_migration_show(args, console, api):
@@ -285,6 +316,15 @@ def build_parser():
     cmd = add("migration-list", cmd_migration_list, "list migrations")
     cmd.add_argument("--instance")
     cmd.add_argument("--status", choices=[s.value for s in Status])
+    cmd.add_argument("--stuck", action="store_true",
+                     help="only migrations nobody is moving (expected: none)")
+    add("migration-resume", cmd_migration_resume,
+        "continue an interrupted migration from its last finished step", "ID")
+    add("sweep", cmd_sweep, "resume or finish every stuck migration now")
+    cmd = add("conductor", cmd_conductor,
+              "claim and run migration jobs from the ZooKeeper jobboard until SIGTERM")
+    cmd.add_argument("--workers", type=int, help="jobs run at once ([jobboard] "
+                     "conductor_workers)")
     add("migration-show", cmd_migration_show, "show a migration and its flow's steps", "ID")
     add("migration-abort", cmd_operator_action, "abort a running migration", "ID")
     add("migration-force-complete", cmd_operator_action, "finish a running migration now", "ID")

@@ -1,20 +1,28 @@
-"""Engine wiring, in one place: persistence, loading, running, resuming.
+"""Engine wiring, in one place: persistence, loading, running, resuming,
+posting to the jobboard and the conductor that runs posted jobs.
 
 Flows are loaded with ``load_from_factory`` from module-level factories, so
-the flow detail records how to rebuild them; ``resume`` rebuilds and
-continues a flow from its persisted state.  A listener mirrors the step
+the flow detail records how to rebuild them; ``resume`` (or a conductor
+claiming a job) rebuilds and continues a flow from its persisted state.  A listener mirrors the step
 being run into the migration record (``current_step``), which is how
 ``migration-show`` tells where a flow is.
 """
 import contextlib
 import logging
+import os
+import socket
 import threading
 import time
 
 import taskflow.engines
 from taskflow import states as tf_states
+from taskflow.conductors.backends import impl_nonblocking as nonblocking
+from taskflow.jobs import backends as job_backends
 from taskflow.listeners import base as listener_base
+from taskflow.listeners import claims
 from taskflow.persistence import models as tf_models
+from taskflow.persistence.backends import impl_memory, impl_zookeeper
+from taskflow.utils import persistence_utils as p_utils
 
 from migrateflow import persistence
 from migrateflow.conf import CONF
@@ -28,6 +36,7 @@ LOG = logging.getLogger(__name__)
 _FLOW_DONE = frozenset({tf_states.SUCCESS, tf_states.REVERTED, tf_states.FAILURE})
 
 _backends = {}
+_boards = {}
 _backends_lock = threading.Lock()
 
 
@@ -36,27 +45,40 @@ def persistence_url(conf=CONF):
 
 
 def get_backend(conf=CONF):
-    """The flow persistence backend from configuration (one per URL)."""
-    if conf.persistence.backend == "memory":
+    """The flow persistence backend from configuration (one per place)."""
+    kind = conf.persistence.backend
+    if kind == "memory":
         key = ("memory",)
+    elif kind == "zookeeper":
+        key = ("zookeeper", ",".join(conf.jobboard.hosts), conf.persistence.zookeeper_path)
     else:
         key = ("sql", persistence_url(conf), conf.persistence.sqlite_synchronous)
     with _backends_lock:
         backend = _backends.get(key)
         if backend is None:
-            if key[0] == "memory":
-                from taskflow.persistence.backends import impl_memory
-                backend = impl_memory.MemoryBackend()
-            else:
-                backend = persistence.SQLBackend.from_url(
-                    key[1], sqlite_synchronous=key[2])
-            _backends[key] = backend
+            backend = _backends[key] = _make_backend(key, conf)
         return backend
 
 
+def _make_backend(key, conf):
+    if key[0] == "memory":
+        return impl_memory.MemoryBackend()
+    if key[0] == "sql":
+        return persistence.SQLBackend.from_url(key[1], sqlite_synchronous=key[2])
+    backend = impl_zookeeper.ZkBackend({
+        "hosts": key[1], "path": key[2], "timeout": conf.jobboard.session_timeout})
+    with contextlib.closing(backend.get_connection()) as conn:
+        conn.upgrade()  # creates the paths
+    return backend
+
+
 def reset():
-    """Forget cached backends (tests point the configuration elsewhere)."""
+    """Forget cached backends and boards (tests point the configuration
+    elsewhere)."""
     with _backends_lock:
+        for board in _boards.values():
+            board.close()
+        _boards.clear()
         for backend in _backends.values():
             backend.close()
         _backends.clear()
@@ -78,8 +100,9 @@ class StepMirror(listener_base.Listener):
 
 
 def _new_book(migration_id):
-    book = tf_models.LogBook(f"migration-{migration_id}")
-    return book
+    """One logbook per migration, under the migration's own uuid, so a lost
+    job can be posted again from it."""
+    return tf_models.LogBook(f"migration-{migration_id}", uuid=migration_id)
 
 
 def run(factory, store, migration_id, factory_args=(), listeners=()):
@@ -88,7 +111,7 @@ def run(factory, store, migration_id, factory_args=(), listeners=()):
     ``listeners``: extra TaskFlow listener factories, each called with the
     engine (an embedding controller's own, or a test's CaptureListener).
     Returns nothing; raises what the flow raised.  The migration record is
-    never left in a transitional status: see ``_settle``.
+    never left in a transitional status: see ``settle``.
     """
     backend = get_backend()
     book = _new_book(migration_id)
@@ -129,28 +152,27 @@ def _run_engine(engine, migration_id, listeners=()):
                 stack.enter_context(factory(engine))
             engine.run()
     except BaseException as err:
-        _settle(migration_id, err)
+        if isinstance(err, Exception):  # a kill or exit: a resume finishes it
+            settle(migration_id, f"{type(err).__name__}: {err}")
         raise
     finally:
         LOG.debug("flow ended migration=%s seconds=%.3f", migration_id,
                   time.monotonic() - started)
 
 
-def _settle(migration_id, err):
-    """After a failed run, make sure the migration did not stay transitional.
+def settle(migration_id, reason, status=Status.ERROR):
+    """After a flow ended in failure, make sure its migration is not left
+    transitional.
 
     The rollback's last revert marks it failed/cancelled; when a revert
     stopped the rollback (the guest already runs on the destination, or an
     unexpected error) the migration is marked error here and the instance
     is released for the operator.
     """
-    if not isinstance(err, Exception):
-        return  # interpreter exit / kill: a resume will finish the flow
     db = db_api.get_db()
     mig = db.get_migration(migration_id)
     if mig["status"] in LIVE_TERMINAL:
         return
-    reason = f"{type(err).__name__}: {err}"
     where = _guest_location(mig)
     instance_values = {}
     if where == "destination":
@@ -159,7 +181,7 @@ def _settle(migration_id, err):
         reason = "guest runs on the destination; " + reason
     elif where != "source":
         instance_values["vm_state"] = VmState.ERROR  # nobody knows: the operator must look
-    db.finish_migration(migration_id, mig["instance_uuid"], Status.ERROR,
+    db.finish_migration(migration_id, mig["instance_uuid"], status,
                         expected_statuses=[s for s in Status if s not in LIVE_TERMINAL],
                         instance_values=instance_values, error=reason)
     LOG.error("migration=%s left in error (guest on %s): %s", migration_id, where, reason)
@@ -209,3 +231,98 @@ def _walk(flow):
             yield from _walk(node)
         else:
             yield node.name
+
+
+# -- jobboard: post a flow as a job, conductors run it ----------------------
+def get_board(conf=CONF):
+    """The connected ZooKeeper jobboard from ``[jobboard]`` (one per place)."""
+    key = (",".join(conf.jobboard.hosts), conf.jobboard.path)
+    backend = get_backend(conf)  # jobs load their logbook from it
+    with _backends_lock:
+        board = _boards.get(key)
+        if board is None:
+            board = job_backends.fetch(
+                "migrateflow", {"board": "zookeeper", "hosts": key[0], "path": key[1],
+                                "timeout": conf.jobboard.session_timeout},
+                persistence=backend)
+            board.connect()
+            _boards[key] = board
+    return board
+
+
+def post(factory, store, migration_id, factory_args=()):
+    """Persist the flow (rebuildable from ``factory``) and post it as a job.
+
+    Returns the job's uuid; the migration record learns the flow and job.
+    """
+    backend = get_backend()
+    book = _new_book(migration_id)
+    flow = factory(*factory_args)
+    flow_detail = p_utils.create_flow_detail(flow, book=book, backend=backend)
+    taskflow.engines.save_factory_details(flow_detail, factory, list(factory_args), {},
+                                          backend=backend)
+    board = get_board()
+    job = board.post(f"migration-{migration_id}", book=book, details={
+        "store": {str(key): value for key, value in store.items()},
+        "migration_id": migration_id, "flow_uuid": flow_detail.uuid})
+    db_api.get_db().update_migration(migration_id, flow_uuid=flow_detail.uuid,
+                                     job_uuid=job.uuid)
+    LOG.info("job posted migration=%s job=%s", migration_id, job.uuid)
+    return job.uuid
+
+
+def repost(migration_id):
+    """Post the persisted flow of a migration again (its job was lost);
+    a conductor resumes it from its last finished step."""
+    mig = db_api.get_db().get_migration(migration_id)
+    backend = get_backend()
+    with contextlib.closing(backend.get_connection()) as conn:
+        book = conn.get_logbook(migration_id)
+    job = get_board().post(f"migration-{migration_id}", book=book, details={
+        "migration_id": migration_id, "flow_uuid": mig["flow_uuid"]})
+    db_api.get_db().update_migration(migration_id, job_uuid=job.uuid)
+    LOG.warning("job re-posted migration=%s job=%s", migration_id, job.uuid)
+    return job.uuid
+
+
+class MigrationConductor(nonblocking.NonBlockingConductor):
+    """Claims migration jobs and runs them; resumes the ones a dead
+    conductor left (its claim vanishes with its ZooKeeper session)."""
+
+    def _listeners_from_job(self, job, engine):
+        listeners = super()._listeners_from_job(job, engine)
+        listeners.append(claims.CheckingClaimListener(engine, job, self._jobboard, self._name))
+        migration_id = (job.details or {}).get("migration_id")
+        if migration_id:
+            listeners.append(StepMirror(engine, migration_id))
+        return listeners
+
+    def _dispatch_job(self, job):
+        migration_id = (job.details or {}).get("migration_id")
+        flow_detail = self._flow_detail_from_job(job)
+        if flow_detail.state in _FLOW_DONE:
+            # finished before the last owner could consume it: running it
+            # again would start the flow over from scratch
+            LOG.info("job=%s already ended (%s): consuming", job.uuid, flow_detail.state)
+            self._settle_ended(migration_id, flow_detail.state)
+            return True
+        consume = super()._dispatch_job(job)
+        if consume and migration_id:
+            state = self._flow_detail_from_job(job).state
+            self._settle_ended(migration_id, state)
+        return consume
+
+    @staticmethod
+    def _settle_ended(migration_id, flow_state):
+        if migration_id and flow_state in (tf_states.FAILURE, tf_states.REVERTED):
+            settle(migration_id, f"flow ended {flow_state} without finishing the migration")
+
+
+def conductor_name(conf=CONF):
+    return conf.jobboard.conductor_name or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def make_conductor(conf=CONF):
+    return MigrationConductor(
+        conductor_name(conf), get_board(conf), persistence=get_backend(conf), engine="serial",
+        max_simultaneous_jobs=conf.jobboard.conductor_workers)

@@ -14,6 +14,14 @@ OPTS = [
     cfg.FloatOpt("session_timeout", default=10.0, min=1.0,
                  help="ZooKeeper session timeout in seconds: how long a dead "
                       "conductor keeps its jobs claimed."),
+    cfg.IntOpt("conductor_workers", default=4, min=1,
+               help="Jobs one conductor runs at the same time."),
+    cfg.StrOpt("conductor_name", sample_default="<host name>-<pid>",
+               help="Name a conductor claims jobs under (default: host "
+                    "name and process id)."),
+    cfg.IntOpt("stuck_after", default=300, min=1,
+               help="Seconds a transitional migration may go without a "
+                    "running or claimable job before the sweeper acts."),
 ]
 
 

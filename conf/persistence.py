@@ -4,9 +4,14 @@ from oslo_config import cfg
 GROUP = cfg.OptGroup("persistence", title="Flow persistence")
 
 OPTS = [
-    cfg.StrOpt("backend", default="sql", choices=["sql", "memory"],
+    cfg.StrOpt("backend", default="sql", choices=["sql", "zookeeper", "memory"],
                help="sql: flow details live in the state database (durable, "
-                    "resumable); memory: nothing survives the process."),
+                    "resumable); zookeeper: in ZooKeeper ([jobboard]/hosts) "
+                    "under zookeeper_path; memory: nothing survives the "
+                    "process (no resume)."),
+    cfg.StrOpt("zookeeper_path", default="/migrateflow/persistence",
+               help="ZooKeeper path of the flow details when backend is "
+                    "zookeeper."),
     cfg.StrOpt("connection", secret=True,
                help="SQLAlchemy URL of the flow database; unset uses "
                     "[database]/connection, the service's own database."),

@@ -129,6 +129,7 @@ migrations = sa.Table(
     sa.Column("abort_requested", sa.Boolean, nullable=False, default=False),
     sa.Column("force_complete_requested", sa.Boolean, nullable=False, default=False),
     sa.Column("flow_uuid", sa.String(36), nullable=True),
+    sa.Column("job_uuid", sa.String(36), nullable=True),
     sa.Column("finished_at", sa.Float, nullable=True),
     *_timestamps(),
 )
