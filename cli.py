@@ -70,11 +70,16 @@ def scrub(text):
 
 @contextlib.contextmanager
 def _logging(args):
-    """Log to stderr for this call only: warnings by default, -v info,
-    --debug everything (TaskFlow's own chatter only with --debug)."""
-    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
+    """Log to stderr for this call only: warnings by default (info for the
+    conductor, a service), -v info, --debug everything (TaskFlow's own
+    chatter only with --debug)."""
+    service = args.command == "conductor"
+    level = (logging.DEBUG if args.debug else
+             logging.INFO if args.verbose or service else logging.WARNING)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s" if service
+        else "%(levelname)s %(name)s: %(message)s"))
     handler.setLevel(level)
     root, tf_log = logging.getLogger(), logging.getLogger("taskflow")
     saved = root.level, tf_log.level
@@ -370,3 +375,7 @@ def main(argv=None):
         print(f"error: state database {masked_url(url)}: {type(err).__name__}: "
               f"{scrub(str(err).splitlines()[0] if str(err) else '')}", file=sys.stderr)
         return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

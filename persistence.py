@@ -178,6 +178,13 @@ def tune_sqlite_engine(engine, synchronous="NORMAL", pool_size=10,
                             ("commit", _on_end), ("rollback", _on_end)):
             sa.event.listen(engine, event, hook)
         sa.event.listen(engine, "begin", _on_begin, insert=True)
+        # oslo.db's own hook emits a deferred BEGIN and, whatever ``insert``
+        # asks, runs first on its engines: a read-then-write transaction
+        # then fails at once with "database is locked" (SQLITE_BUSY_SNAPSHOT,
+        # no busy wait) when another writer committed in between
+        for hook in list(engine.dispatch.begin):
+            if getattr(hook, "__name__", "") == "_sqlite_emit_begin":
+                sa.event.remove(engine, "begin", hook)
         _tuned[engine] = state
         if state["file"]:
             engine.dispose()

@@ -10,6 +10,9 @@ from migrateflow import cloud, drivers, engine
 from migrateflow.conf import CONF
 from migrateflow.db import api as db_api
 
+#: a real ZooKeeper server for the jobboard and ZooKeeper persistence tests
+pytest_plugins = ["zk_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def template_db(tmp_path_factory):

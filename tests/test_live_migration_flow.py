@@ -294,3 +294,19 @@ def test_a_rollback_that_breaks_still_ends_the_migration(small_cloud, db, driver
     got = db.get_instance(inst["uuid"])
     # the hypervisors say the guest runs on the source only: not flagged ERROR
     assert (got["host"], got["task_state"], got["vm_state"]) == ("host-a", None, "active")
+
+
+def test_concurrent_migrations_share_one_sqlite_file(db, driver):
+    """Ten flows at once on one SQLite file: writers queue (BEGIN IMMEDIATE
+    and a busy timeout), none fails with "database is locked"."""
+    cloud.add_host(db, driver, "host-a", shared_storage="nfs-1")
+    cloud.add_host(db, driver, "host-b", shared_storage="nfs-1")
+    uuids = [cloud.add_instance(db, driver, f"vm-{i}", "host-a", volumes=1)["uuid"]
+             for i in range(10)]
+    client = _api()
+    migrations = [client.live_migrate(u, "host-b", wait=False) for u in uuids]
+    ended = [client.wait(m["uuid"], timeout=120) for m in migrations]
+    assert [(m["status"], m["error"]) for m in ended] == [("completed", None)] * 10
+    assert {i["host"] for i in db.list_instances()} == {"host-b"}
+    assert db.get_host("host-a")["memory_used_mb"] == 0
+    assert db.list_claims() == []
