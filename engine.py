@@ -24,7 +24,7 @@ from taskflow.persistence import models as tf_models
 from taskflow.persistence.backends import impl_memory, impl_zookeeper
 from taskflow.utils import persistence_utils as p_utils
 
-from migrateflow import persistence
+from migrateflow import lifecycle, persistence
 from migrateflow.conf import CONF
 from migrateflow.db import api as db_api
 from migrateflow.states import LIVE_TERMINAL, VmState
@@ -298,6 +298,13 @@ class MigrationConductor(nonblocking.NonBlockingConductor):
         return listeners
 
     def _dispatch_job(self, job):
+        try:
+            return self._run_job(job)
+        except lifecycle.Detach:
+            LOG.info("job=%s detached for another conductor", job.uuid)
+            return False  # abandon: another conductor resumes it
+
+    def _run_job(self, job):
         migration_id = (job.details or {}).get("migration_id")
         flow_detail = self._flow_detail_from_job(job)
         if flow_detail.state in _FLOW_DONE:

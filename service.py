@@ -9,7 +9,7 @@ import logging
 import signal
 import threading
 
-from migrateflow import engine, sweeper
+from migrateflow import engine, lifecycle, sweeper
 from migrateflow.conf import CONF
 
 LOG = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ def run_conductor(conf=CONF, stop_event=None, sweep=True):
             LOG.info("conductor=%s signal=%s: stopping after the current steps",
                      name, signum)
         stop_event.set()
+        lifecycle.STOPPING.set()  # long steps detach instead of holding the stop
         conductor.stop()
 
     if threading.current_thread() is threading.main_thread():
@@ -41,11 +42,13 @@ def run_conductor(conf=CONF, stop_event=None, sweep=True):
                          daemon=True).start()
     LOG.info("conductor=%s workers=%s board=%s started", name,
              conf.jobboard.conductor_workers, ",".join(conf.jobboard.hosts))
+    lifecycle.STOPPING.clear()
     try:
         conductor.run()
     finally:
         conductor.wait(timeout=60)
         conductor.close()
+        lifecycle.STOPPING.clear()
         LOG.info("conductor=%s stopped", name)
     return 0
 

@@ -11,6 +11,7 @@ import math
 import time
 
 from migrateflow import exceptions as exc
+from migrateflow import lifecycle
 from migrateflow.conf import CONF
 from migrateflow.states import LiveMigrationStatus as Status
 from migrateflow.states import PowerState
@@ -130,6 +131,10 @@ class LiveMigrate(base.MigrationTask):
                         f"live migration did not complete within {timeout:.0f} s "
                         f"({opts.live_migration_completion_timeout} s/GiB × {size:.1f} GiB); "
                         "aborted, the guest stays on the source")
+            if lifecycle.STOPPING.is_set():
+                self.log(logging.INFO, "process stopping: the copy goes on, another "
+                         "conductor re-attaches", migration_id)
+                raise lifecycle.Detach()
             if opts.live_migration_poll_interval:
                 time.sleep(opts.live_migration_poll_interval)
 
