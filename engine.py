@@ -35,6 +35,11 @@ LOG = logging.getLogger(__name__)
 #: taskflow flow states after which nothing runs
 _FLOW_DONE = frozenset({tf_states.SUCCESS, tf_states.REVERTED, tf_states.FAILURE})
 
+#: kazoo's default reconnect backoff doubles up to an hour: after a ZooKeeper
+#: outage a client could sit idle for many seconds; retry forever, at most
+#: a second apart
+_ZK_RECONNECT = {"max_tries": -1, "delay": 0.1, "backoff": 2, "max_delay": 1.0}
+
 _backends = {}
 _boards = {}
 _backends_lock = threading.Lock()
@@ -66,7 +71,8 @@ def _make_backend(key, conf):
     if key[0] == "sql":
         return persistence.SQLBackend.from_url(key[1], sqlite_synchronous=key[2])
     backend = impl_zookeeper.ZkBackend({
-        "hosts": key[1], "path": key[2], "timeout": conf.jobboard.session_timeout})
+        "hosts": key[1], "path": key[2], "timeout": conf.jobboard.session_timeout,
+        "connection_retry": dict(_ZK_RECONNECT)})
     with contextlib.closing(backend.get_connection()) as conn:
         conn.upgrade()  # creates the paths
     return backend
@@ -243,7 +249,8 @@ def get_board(conf=CONF):
         if board is None:
             board = job_backends.fetch(
                 "migrateflow", {"board": "zookeeper", "hosts": key[0], "path": key[1],
-                                "timeout": conf.jobboard.session_timeout},
+                                "timeout": conf.jobboard.session_timeout,
+                                "connection_retry": dict(_ZK_RECONNECT)},
                 persistence=backend)
             board.connect()
             _boards[key] = board

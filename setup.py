@@ -38,6 +38,9 @@ setup(
         "stevedore>=5.0",
         "tenacity>=8.0",
         "rich>=13.0",
+        # ZooKeeper client of the jobboard and of the zookeeper persistence
+        # backend (TaskFlow's own "zookeeper" extra asks for kazoo>=2.6.0)
+        "kazoo>=2.6",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3", "build>=1.0"],

@@ -11,9 +11,16 @@ VENV=${VENV:-.venv}
 need=()
 command -v python3 >/dev/null || need+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+# ZooKeeper (standalone server started by the tests on a free loopback
+# port, see tests/servers.py): Debian's package, plus a JRE if none.
+if [ ! -f /usr/share/java/zookeeper.jar ]; then
+  need+=(zookeeper)
+  command -v java >/dev/null || need+=(default-jre-headless)
+fi
 if [ ${#need[@]} -gt 0 ]; then
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
+  apt-get -o DPkg::Lock::Timeout=120 update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=120 install \
+    -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
