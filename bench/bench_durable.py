@@ -154,7 +154,8 @@ def main():
             configure(config)
             db, driver = db_api.get_db(), drivers.get_driver()
             for name in ("host-a", "host-b"):
-                cloud.add_host(db, driver, name, shared_storage="nfs-1", memory_mb=1 << 22)
+                cloud.add_host(db, driver, name, shared_storage="nfs-1", memory_mb=1 << 22,
+                               disk_gb=1 << 20, vcpus=1 << 12)
             print("resume latency: SIGKILL in pre-live-migration, standby conductor waiting")
             print(f"{'session timeout s':>18} {'runs':>5} {'latency s (each)':>26} "
                   f"{'max':>6} {'target':>7}")
