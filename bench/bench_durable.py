@@ -14,12 +14,15 @@ Starts its own ZooKeeper (Debian's package; tests/servers.py) on loopback.
     python bench/bench_durable.py [--quick]
 """
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+
+import sqlalchemy as sa
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import servers  # noqa: E402  (the tests' ZooKeeper manager)
@@ -29,13 +32,14 @@ from migrateflow.conf import CONF  # noqa: E402
 from migrateflow.db import api as db_api  # noqa: E402
 
 
-def write_config(workdir, zk_hosts, session_timeout, chroot):
+def write_config(workdir, zk_hosts, session_timeout, chroot, database_url=None):
     path = os.path.join(workdir, f"migrateflow-{chroot}.conf")
+    database_url = database_url or f"sqlite:///{workdir}/state.sqlite"
     with open(path, "w") as out:
         out.write(f"""[DEFAULT]
 state_path = {workdir}
 [database]
-connection = sqlite:///{workdir}/state.sqlite
+connection = {database_url}
 [fake_driver]
 state_file = {workdir}/fake-hypervisor.sqlite
 [migration]
@@ -117,10 +121,41 @@ def resume_latency(workdir, zk_hosts, session_timeout, index):
                 stop(proc)
 
 
-def throughput(workdir, zk_hosts, conductors, count, index):
-    config = write_config(workdir, zk_hosts, 10.0, f"tp-{index}")
+def add_hosts(db, driver):
+    for name in ("host-a", "host-b"):
+        if db.find_host(name) is None:
+            cloud.add_host(db, driver, name, shared_storage="nfs-1", memory_mb=1 << 22,
+                           disk_gb=1 << 20, vcpus=1 << 12)
+
+
+@contextlib.contextmanager
+def postgresql_database():
+    """A scratch database on the local PostgreSQL, or None if unreachable."""
+    name = f"mf_bench_{os.getpid()}"
+    admin = sa.create_engine("postgresql+psycopg2://postgres@127.0.0.1:5432/postgres",
+                             isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    except Exception as err:  # noqa: BLE001 - not reachable here
+        print(f"  PostgreSQL not reachable ({type(err).__name__}): its rows are left out")
+        yield None
+        return
+    try:
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
+    finally:
+        engine.reset()
+        db_api.forget_db(f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}")
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.dispose()
+
+
+def throughput(workdir, zk_hosts, conductors, count, index, database_url=None):
+    config = write_config(workdir, zk_hosts, 10.0, f"tp-{index}", database_url)
     configure(config)
     db, driver = db_api.get_db(), drivers.get_driver()
+    add_hosts(db, driver)
     uuids = [cloud.add_instance(db, driver, f"tp-{index}-{i}", "host-a")["uuid"]
              for i in range(count)]
     procs = [start_conductor(config, os.path.join(workdir, f"tp-{index}-{n}.log"))
@@ -130,8 +165,10 @@ def throughput(workdir, zk_hosts, conductors, count, index):
         client = api.MigrationAPI()
         started = time.perf_counter()
         migs = [client.live_migrate(u, "host-b", wait=False) for u in uuids]
+        posting = time.perf_counter() - started
         results = [client.wait(m["uuid"], timeout=600) for m in migs]
         elapsed = time.perf_counter() - started
+        print(f"    (posting {count} jobs took {posting:.2f} s of {elapsed:.2f} s)")
     finally:
         for proc in procs:
             stop(proc)
@@ -152,10 +189,7 @@ def main():
         try:
             config = write_config(workdir, zk.hosts, 2.0, "setup")
             configure(config)
-            db, driver = db_api.get_db(), drivers.get_driver()
-            for name in ("host-a", "host-b"):
-                cloud.add_host(db, driver, name, shared_storage="nfs-1", memory_mb=1 << 22,
-                               disk_gb=1 << 20, vcpus=1 << 12)
+            add_hosts(db_api.get_db(), drivers.get_driver())
             print("resume latency: SIGKILL in pre-live-migration, standby conductor waiting")
             print(f"{'session timeout s':>18} {'runs':>5} {'latency s (each)':>26} "
                   f"{'max':>6} {'target':>7}")
@@ -169,11 +203,18 @@ def main():
                 print(f"{timeout:>18.1f} {repeats:>5} {each:>26} {max(latencies):>6.2f} "
                       f"{timeout + 1:>7.1f}", flush=True)
             print(f"\nthroughput: {count} migrations posted at once, fake driver, zero delays")
-            rates = {}
-            for n in (1, 2):
-                rates[n] = throughput(workdir, zk.hosts, n, count, n)
-                print(f"  {n} conductor(s): {rates[n]:.2f} migrations/s", flush=True)
-            print(f"  2 / 1 = {rates[2] / rates[1]:.2f}")
+            index = 0
+            with postgresql_database() as pg_url:
+                for label, url in (("SQLite file", None), ("PostgreSQL", pg_url)):
+                    if label == "PostgreSQL" and url is None:
+                        continue
+                    rates = {}
+                    for n in (1, 2):
+                        index += 1
+                        rates[n] = throughput(workdir, zk.hosts, n, count, index, url)
+                        print(f"  {label:<11} {n} conductor(s): {rates[n]:6.2f} migrations/s",
+                              flush=True)
+                    print(f"  {label:<11} 2 / 1 = {rates[2] / rates[1]:.2f}")
         finally:
             engine.reset()
             zk.stop()
