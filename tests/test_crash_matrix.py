@@ -93,45 +93,27 @@ ROLLBACK_ATOMS = ATOMS[:ATOMS.index("live-migration") + 1]
 #: the spawn is the small cloud's.  post_live_migration_at_destination
 #: changes nothing in the fake (the completed copy already made the guest
 #: persistent and running there), so it counts no side effect.
+_PREPARED = {  # every scenario got the destination ready
+    ("spawn", "host-a"): 1,
+    ("check_can_live_migrate_destination", "host-c"): 1,
+    ("cleanup_live_migration_destination_check", "host-c"): 1,
+    ("pre_live_migration", "host-c"): 1,
+}
+_COPY_ABORTED = {
+    ("live_migration", "host-a"): 1,
+    ("live_migration_abort", "host-a"): 1,
+    ("rollback_live_migration_at_destination", "host-c"): 1,
+}
 EXPECTED_SIDE_EFFECTS = {
-    "completed": {
-        ("spawn", "host-a"): 1,
-        ("check_can_live_migrate_destination", "host-c"): 1,
-        ("cleanup_live_migration_destination_check", "host-c"): 1,
-        ("pre_live_migration", "host-c"): 1,
-        ("live_migration", "host-a"): 1,
-        ("post_live_migration_at_source", "host-a"): 1,
-        ("cleanup", "host-a"): 1,
-    },
+    "completed": {**_PREPARED, ("live_migration", "host-a"): 1,
+                  ("post_live_migration_at_source", "host-a"): 1, ("cleanup", "host-a"): 1},
     # live_migration fails after starting the copy: the rollback aborts it
     # and cleans the destination
-    "rollback": {
-        ("spawn", "host-a"): 1,
-        ("check_can_live_migrate_destination", "host-c"): 1,
-        ("cleanup_live_migration_destination_check", "host-c"): 1,
-        ("pre_live_migration", "host-c"): 1,
-        ("live_migration", "host-a"): 1,
-        ("live_migration_abort", "host-a"): 1,
-        ("rollback_live_migration_at_destination", "host-c"): 1,
-    },
+    "rollback": {**_PREPARED, **_COPY_ABORTED},
     # pre_live_migration fails after plugging the destination: no copy
-    "rollback-pre": {
-        ("spawn", "host-a"): 1,
-        ("check_can_live_migrate_destination", "host-c"): 1,
-        ("cleanup_live_migration_destination_check", "host-c"): 1,
-        ("pre_live_migration", "host-c"): 1,
-        ("rollback_live_migration_at_destination", "host-c"): 1,
-    },
+    "rollback-pre": {**_PREPARED, ("rollback_live_migration_at_destination", "host-c"): 1},
     # the operator aborts the copy in progress
-    "abort": {
-        ("spawn", "host-a"): 1,
-        ("check_can_live_migrate_destination", "host-c"): 1,
-        ("cleanup_live_migration_destination_check", "host-c"): 1,
-        ("pre_live_migration", "host-c"): 1,
-        ("live_migration", "host-a"): 1,
-        ("live_migration_abort", "host-a"): 1,
-        ("rollback_live_migration_at_destination", "host-c"): 1,
-    },
+    "abort": {**_PREPARED, **_COPY_ABORTED},
 }
 
 #: steps that call the hypervisor → (the call a crash is injected into, its host)
