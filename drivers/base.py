@@ -18,6 +18,17 @@ Pairs (one undoes or ends the other):
 * pre_live_migration / rollback_live_migration_at_destination
 * live_migration (start) / live_migration_abort, live_migration_force_complete
 * post_live_migration_at_source, post_live_migration_at_destination
+
+Cold migration / resize (the guest is stopped, its disk copied, and the
+source copy kept until the move is confirmed or reverted):
+
+* power_off / power_on
+* check_instance_shared_storage (leaves nothing behind)
+* migrate_disk_and_power_off (source) / cleanup_migration_destination
+* finish_migration (destination) / cleanup_migration_destination
+* confirm_migration (source) / finish_revert_migration (both)
+
+A *flavor* is {"name", "memory_mb", "vcpus", "disk_gb"}.
 """
 import abc
 
@@ -160,3 +171,71 @@ class ComputeDriver(abc.ABC):
     @abc.abstractmethod
     def destroy(self, host, instance, destroy_disks=True):
         """Stop and undefine the guest on ``host`` (idempotent)."""
+
+    # -- power -------------------------------------------------------------------
+    @abc.abstractmethod
+    def power_off(self, host, instance):
+        """Stop the guest on ``host``; it stays defined (idempotent).
+        Raises DriverError when the host has no such guest."""
+
+    @abc.abstractmethod
+    def power_on(self, host, instance):
+        """Start the defined guest on ``host`` (idempotent).  Raises
+        DriverError when the host has no such guest."""
+
+    # -- cold migration / resize ----------------------------------------------------
+    @abc.abstractmethod
+    def check_instance_shared_storage(self, source, dest, instance):
+        """Return True when ``source`` and ``dest`` share the instance path:
+        a test file is written in the destination's instances directory and
+        looked for from the source, then removed in the same call."""
+
+    @abc.abstractmethod
+    def migrate_disk_and_power_off(self, source, instance, dest, flavor, network_info,
+                                   block_device_info, shared_storage):
+        """On the source: power the guest off (it stays defined there until
+        confirm or revert), copy the instance's disk to the destination's
+        storage with ``flavor["disk_gb"]`` unless ``shared_storage``,
+        disconnect the volumes from the source hypervisor and unplug the
+        VIFs.  Refuses before changing anything a flavor whose disk is smaller
+        than the instance's (MigrationPreCheckError: disks cannot shrink;
+        not checked for volume-backed instances) and a destination without
+        the free disk for the copy (InsufficientResources).  A re-run finds
+        the copy done.  Returns {"disk_info": [{"path", "disk_gb",
+        "copied"}]} (the same on every run)."""
+
+    @abc.abstractmethod
+    def finish_migration(self, dest, instance, flavor, network_info, block_device_info,
+                         power_on):
+        """On the destination: define the guest with the flavor's memory_mb,
+        vcpus and disk_gb, connect the volumes, plug the VIFs, and leave it
+        running when ``power_on`` (else shut down).  The instance's disk must
+        already be on the destination's storage (DriverError otherwise).
+        Returns the guest's power state."""
+
+    @abc.abstractmethod
+    def confirm_migration(self, source, instance, shared_storage):
+        """On the source after a finished cold migration: destroy and
+        undefine the old guest, release what it still holds there and remove
+        its disk unless ``shared_storage``.  Refuses (DriverError) while the
+        source guest runs: it would be the copy a revert brought back."""
+
+    @abc.abstractmethod
+    def finish_revert_migration(self, dest, source, instance, old_flavor, network_info,
+                                block_device_info, power_on):
+        """Undo a cold migration that was not confirmed: destroy and undefine
+        the guest on ``dest``, unplug its VIFs, disconnect its volumes there
+        and remove its disk copy unless the storage is shared with
+        ``source``; then on ``source`` give the kept guest ``old_flavor``,
+        reconnect the volumes, replug the VIFs and start it when
+        ``power_on``.  Raises DriverError when ``source`` no longer has the
+        guest (the migration was confirmed).  Returns the source guest's
+        power state."""
+
+    @abc.abstractmethod
+    def cleanup_migration_destination(self, dest, instance, shared_storage):
+        """Roll a failed cold migration back on the destination: remove what
+        migrate_disk_and_power_off and finish_migration left there (guest
+        definition, VIFs, volume connections, the disk copy unless
+        ``shared_storage``).  Touches nothing when no other host still
+        defines the guest: the destination copy is then the only one."""

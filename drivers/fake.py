@@ -7,8 +7,6 @@ same cloud.  Every contract method is idempotent, counts a side effect only
 when it changed something, and passes through a fault hook at entry
 ("before") and after its side effect was committed ("after").
 """
-import functools
-import inspect
 import json
 import logging
 import os
@@ -16,6 +14,7 @@ import time
 
 from migrateflow import exceptions
 from migrateflow.drivers import base
+from migrateflow.drivers import fake_cold
 from migrateflow.drivers import fake_model as model
 
 LOG = logging.getLogger(__name__)
@@ -29,24 +28,11 @@ HOST_DEFAULTS = {
     "memory_mb": 65536, "disk_gb": 1000, "shared_storage": None,
     "link_mbps": 1024.0, "up": True,
 }
-RUNNING, PAUSED = model.RUNNING, model.PAUSED
+RUNNING, PAUSED, SHUTDOWN = model.RUNNING, model.PAUSED, model.SHUTDOWN
 
 
-def _hooked(method):
-    """Run the fault hook around a contract method; its first argument is
-    the host it is addressed to, ``instance``/``instance_uuid`` the guest."""
-    signature = inspect.signature(method)
-
-    @functools.wraps(method)
-    def call(self, *args, **kwargs):
-        arguments = signature.bind(self, *args, **kwargs).arguments
-        host = list(arguments.values())[1]
-        uuid = arguments.get("instance_uuid") or (arguments.get("instance") or {}).get("uuid")
-        model.fire_fault(self._store, method.__name__, host, uuid, "before")
-        result = method(self, *args, **kwargs)
-        model.fire_fault(self._store, method.__name__, host, uuid, "after")
-        return result
-    return call
+_hooked = model.hooked
+_probe_path = model.probe_path
 
 
 def _check_cpu(host, source_cpu):
@@ -57,7 +43,7 @@ def _check_cpu(host, source_cpu):
             f"source CPU {source_cpu.get('cpu_model')}")
 
 
-class FakeDriver(base.ComputeDriver):
+class FakeDriver(fake_cold.ColdMigration, base.ComputeDriver):
     """Model hypervisors in a SQLite file; see the module docstring."""
 
     def __init__(self, state_file, time_scale=0.0):
@@ -448,12 +434,6 @@ class FakeDriver(base.ComputeDriver):
     def _rows(self, sql, *params):
         with self._tx(write=False) as db:
             return [dict(row) for row in db.execute(sql, params)]
-
-
-def _probe_path(instance_uuid):
-    """The shared-storage probe of an instance's check (one per instance, so
-    a repeated check or a cleanup without the check's reply finds it)."""
-    return f"{model.INSTANCES_DIR}/probe-{instance_uuid}"
 
 
 def _encode_facts(facts):

@@ -9,6 +9,8 @@ The live-migration simulation is pure arithmetic on a JSON-able dict advanced
 one iteration per poll, so a run is deterministic whatever the wall clock does.
 """
 import contextlib
+import functools
+import inspect
 import json
 import os
 import signal
@@ -26,6 +28,7 @@ HANG_CAP_S = 600.0
 INSTANCES_DIR = "/var/lib/migrateflow/instances"
 BRIDGE = "br-int"
 RUNNING, PAUSED = PowerState.RUNNING.value, PowerState.PAUSED.value
+SHUTDOWN = PowerState.SHUTDOWN.value
 #: What the stop-and-copy phase costs on top of moving the last dirty pages
 #: (pausing the vCPUs, device state, resuming on the destination).
 SWITCHOVER_MS = 5.0
@@ -295,6 +298,19 @@ def drop_instance_dir(db, host, uuid):
     return delete(db, "files", "location = ? AND path = ?", (where, instance_dir(uuid)))
 
 
+def hosts_defining(db, uuid, other_than=None):
+    """Names of the hosts where the guest is defined (but ``other_than``)."""
+    rows = db.execute("SELECT host FROM guests WHERE uuid = ? AND host IS NOT ? "
+                      "ORDER BY host", (uuid, other_than))
+    return [row["host"] for row in rows]
+
+
+def flavor_columns(flavor):
+    """The guest columns a flavor sets."""
+    return {"memory_mb": flavor["memory_mb"], "vcpus": flavor["vcpus"],
+            "disk_gb": flavor.get("disk_gb") or 0}
+
+
 def host_info(db, row):
     """get_host_info of a host row: free memory and disk from what is defined."""
     used_memory = db.execute("SELECT COALESCE(SUM(memory_mb), 0) FROM guests WHERE host = ? "
@@ -443,3 +459,39 @@ def job_view(sim, status, error):
         throttle_pct=int(round(sim["throttle"] * 100)),
         error=error,
     )
+
+
+def hooked(method):
+    """Run the fault hook around a contract method; its first argument is
+    the host it is addressed to, ``instance``/``instance_uuid`` the guest."""
+    signature = inspect.signature(method)
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        arguments = signature.bind(self, *args, **kwargs).arguments
+        host = list(arguments.values())[1]
+        uuid = arguments.get("instance_uuid") or (arguments.get("instance") or {}).get("uuid")
+        fire_fault(self._store, method.__name__, host, uuid, "before")
+        result = method(self, *args, **kwargs)
+        fire_fault(self._store, method.__name__, host, uuid, "after")
+        return result
+    return call
+
+
+def probe_path(instance_uuid, purpose=None):
+    """The shared-storage probe of an instance's check (one per instance and
+    purpose, so a repeated check or a cleanup without the check's reply finds
+    it, and the cold-migration probe never removes a live-migration one)."""
+    if purpose:
+        return f"{INSTANCES_DIR}/probe-{purpose}-{instance_uuid}"
+    return f"{INSTANCES_DIR}/probe-{instance_uuid}"
+
+
+def clear_guest(db, host_row, uuid, drop_disk):
+    """Undefine the guest on the host, give its resources back and, with
+    ``drop_disk``, remove its instance directory; True if anything changed."""
+    changed = remove_guest(db, host_row["name"], uuid)
+    changed |= release_host_resources(db, host_row["name"], uuid)
+    if drop_disk:
+        changed |= drop_instance_dir(db, host_row, uuid)
+    return changed

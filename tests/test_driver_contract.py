@@ -40,6 +40,21 @@ class FakeHarness:
     def path_exists(self, host, path):
         return any(f["path"] == path for f in self.driver.files(host))
 
+    def disk_gb(self, host, path):
+        """Size of the file at ``path`` in ``host``'s storage, None if absent."""
+        return next((f["disk_gb"] for f in self.driver.files(host) if f["path"] == path),
+                    None)
+
+    def guest_flavor(self, host, instance_uuid):
+        """{memory_mb, vcpus, disk_gb} the guest is defined with on ``host``."""
+        return next(({k: g[k] for k in ("memory_mb", "vcpus", "disk_gb")}
+                     for g in self.driver.guests(host) if g["uuid"] == instance_uuid), None)
+
+    def inject_failure(self, method, host, when):
+        """Make the next call of ``method`` on ``host`` raise a DriverError,
+        before ("before") or after ("after") its side effect."""
+        self.driver.inject_fault(method, host=host, when=when)
+
     def host_state(self, host):
         """Everything a migration may leave behind on ``host``, comparable."""
         return {"vifs": self.driver.vifs(host),
@@ -256,3 +271,211 @@ class TestComputeDriverContract:
         for _ in range(2):
             driver.destroy("dst", instance, destroy_disks=True)
         assert harness.host_state("dst") == before
+
+
+# -- cold migration / resize ------------------------------------------------------------
+
+OLD_FLAVOR = {"name": "m1.small", "memory_mb": 2048, "vcpus": 2, "disk_gb": 20}
+NEW_FLAVOR = {"name": "m1.large", "memory_mb": 8192, "vcpus": 4, "disk_gb": 40}
+
+
+def disk_path(instance):
+    return f"/var/lib/migrateflow/instances/{instance['uuid']}"
+
+
+def flavor_of(flavor):
+    return {k: flavor[k] for k in ("memory_mb", "vcpus", "disk_gb")}
+
+
+def snapshot(harness):
+    return {host: harness.host_state(host) for host in ("src", "dst")}
+
+
+def resize_steps(driver, instance, shared, flavor=NEW_FLAVOR):
+    """(name, call) of the resize steps up to the guest running on dst."""
+    return [
+        ("migrate_disk_and_power_off", lambda: driver.migrate_disk_and_power_off(
+            "src", instance, "dst", flavor, NET, BDI, shared)),
+        ("finish_migration", lambda: driver.finish_migration(
+            "dst", instance, flavor, NET, BDI, True)),
+    ]
+
+
+def resize(driver, instance, shared, flavor=NEW_FLAVOR):
+    for _, step in resize_steps(driver, instance, shared, flavor):
+        step()
+
+
+class TestColdMigrationContract:
+    def test_power_off_and_on_are_idempotent(self, harness, driver, cloud):
+        uuid = cloud["instance"]["uuid"]
+        for _ in range(2):
+            driver.power_off("src", cloud["instance"])
+        assert driver.get_guest("src", uuid)["state"] == "shutdown"
+        assert driver.get_guest("src", uuid)["persistent"] is True
+        for _ in range(2):
+            driver.power_on("src", cloud["instance"])
+        assert driver.get_guest("src", uuid)["state"] == "running"
+        with pytest.raises(exceptions.DriverError):
+            driver.power_on("dst", cloud["instance"])
+
+    def test_shared_storage_check_leaves_nothing_behind(self, harness, driver, cloud):
+        before = snapshot(harness)
+        for _ in range(2):
+            assert driver.check_instance_shared_storage(
+                "src", "dst", cloud["instance"]) is cloud["shared"]
+            assert driver.check_instance_shared_storage(
+                "dst", "src", cloud["instance"]) is cloud["shared"]
+        assert snapshot(harness) == before
+
+    def test_resize_then_confirm(self, harness, driver, cloud):
+        instance, uuid, shared = cloud["instance"], cloud["instance"]["uuid"], cloud["shared"]
+        assert driver.check_instance_shared_storage("src", "dst", instance) is shared
+        result = driver.migrate_disk_and_power_off("src", instance, "dst", NEW_FLAVOR,
+                                                   NET, BDI, shared)
+        assert result == {"disk_info": [{"path": disk_path(instance), "disk_gb": 40,
+                                         "copied": not shared}]}
+        assert driver.get_guest("src", uuid)["state"] == "shutdown"
+        src = harness.host_state("src")
+        assert src["vifs"] == src["volumes"] == []
+        # the disk is copied with the new size only when the storage is not shared
+        assert harness.disk_gb("dst", disk_path(instance)) == (20 if shared else 40)
+        assert harness.disk_gb("src", disk_path(instance)) == 20
+
+        assert driver.finish_migration("dst", instance, NEW_FLAVOR, NET, BDI, True) == \
+            "running"
+        assert driver.get_guest("dst", uuid) == {"uuid": uuid, "name": instance["name"],
+                                                 "state": "running", "persistent": True}
+        assert harness.guest_flavor("dst", uuid) == flavor_of(NEW_FLAVOR)
+        dst = harness.host_state("dst")
+        assert [v["port_id"] for v in dst["vifs"]] == [NET[0]["port_id"]]
+        assert [v["volume_id"] for v in dst["volumes"]] == [BDI[0]["volume_id"]]
+        # until confirm the old guest stays defined (powered off) on the source
+        assert driver.get_guest("src", uuid)["state"] == "shutdown"
+        assert harness.guest_flavor("src", uuid) == flavor_of(OLD_FLAVOR)
+
+        driver.confirm_migration("src", instance, shared)
+        src = harness.host_state("src")
+        assert src["vifs"] == src["volumes"] == src["guests"] == []
+        # confirm keeps a shared disk (it is the destination's disk too)
+        assert harness.path_exists("src", disk_path(instance)) is shared
+        assert driver.get_guest("dst", uuid)["state"] == "running"
+        assert harness.disk_gb("dst", disk_path(instance)) == (20 if shared else 40)
+
+    def test_resize_then_revert_restores_both_hosts(self, harness, driver, cloud):
+        instance, uuid, shared = cloud["instance"], cloud["instance"]["uuid"], cloud["shared"]
+        before = snapshot(harness)
+        resize(driver, instance, shared)
+        state = driver.finish_revert_migration("dst", "src", instance, OLD_FLAVOR, NET, BDI,
+                                               True)
+        assert state == "running"
+        assert driver.get_guest("dst", uuid) is None
+        assert driver.get_guest("src", uuid)["state"] == "running"
+        assert harness.guest_flavor("src", uuid) == flavor_of(OLD_FLAVOR)
+        src = harness.host_state("src")
+        assert len(src["vifs"]) == len(src["volumes"]) == 1
+        assert snapshot(harness) == before
+
+    def test_revert_without_power_on_leaves_the_source_off(self, harness, driver, cloud):
+        instance = cloud["instance"]
+        resize(driver, instance, cloud["shared"])
+        assert driver.finish_revert_migration("dst", "src", instance, OLD_FLAVOR, NET, BDI,
+                                              False) == "shutdown"
+        assert driver.get_guest("src", instance["uuid"])["state"] == "shutdown"
+        assert driver.get_guest("dst", instance["uuid"]) is None
+
+    def test_finish_without_power_on_defines_a_stopped_guest(self, harness, driver, cloud):
+        instance = cloud["instance"]
+        driver.migrate_disk_and_power_off("src", instance, "dst", NEW_FLAVOR, NET, BDI,
+                                          cloud["shared"])
+        assert driver.finish_migration("dst", instance, NEW_FLAVOR, NET, BDI, False) == \
+            "shutdown"
+        assert driver.get_guest("dst", instance["uuid"])["state"] == "shutdown"
+
+    @pytest.mark.parametrize("ending", ["confirm", "revert"])
+    def test_each_step_twice_is_once(self, harness, driver, cloud, ending):
+        instance, shared = cloud["instance"], cloud["shared"]
+        steps = resize_steps(driver, instance, shared)
+        if ending == "confirm":
+            steps.append(("confirm_migration",
+                          lambda: driver.confirm_migration("src", instance, shared)))
+        else:
+            steps.append(("finish_revert_migration", lambda: driver.finish_revert_migration(
+                "dst", "src", instance, OLD_FLAVOR, NET, BDI, True)))
+        for name, step in steps:
+            first = step()
+            after_once = snapshot(harness)
+            assert step() == first, name
+            assert snapshot(harness) == after_once, name
+
+    def test_shrinking_the_disk_is_refused(self, harness, driver, cloud):
+        before = snapshot(harness)
+        small = dict(NEW_FLAVOR, name="m1.tiny", disk_gb=10)
+        with pytest.raises(exceptions.MigrationPreCheckError, match="cannot shrink"):
+            driver.migrate_disk_and_power_off("src", cloud["instance"], "dst", small, NET,
+                                              BDI, cloud["shared"])
+        assert snapshot(harness) == before
+
+    def test_copy_needs_free_disk_on_the_destination(self, harness, driver):
+        harness.make_host("src")
+        harness.make_host("dst", disk_gb=30)
+        instance = make_instance(disk_gb=20)
+        harness.make_guest("src", instance)
+        before = snapshot(harness)
+        with pytest.raises(exceptions.InsufficientResources):
+            driver.migrate_disk_and_power_off("src", instance, "dst", NEW_FLAVOR, NET, BDI,
+                                              False)
+        assert snapshot(harness) == before
+
+    def test_finish_needs_the_disk_on_the_destination(self, harness, driver):
+        harness.make_host("src")
+        harness.make_host("dst")
+        instance = make_instance()
+        harness.make_guest("src", instance)
+        before = snapshot(harness)
+        with pytest.raises(exceptions.DriverError):
+            driver.finish_migration("dst", instance, NEW_FLAVOR, NET, BDI, True)
+        assert snapshot(harness) == before
+
+    @pytest.mark.parametrize("method, when", [
+        ("migrate_disk_and_power_off", "before"), ("migrate_disk_and_power_off", "after"),
+        ("finish_migration", "before"), ("finish_migration", "after")])
+    def test_cleanup_after_a_failed_step_restores_the_destination(
+            self, harness, driver, cloud, method, when):
+        instance, shared = cloud["instance"], cloud["shared"]
+        before = snapshot(harness)
+        harness.inject_failure(method, "dst" if method == "finish_migration" else "src",
+                               when)
+        with pytest.raises(exceptions.DriverError):
+            resize(driver, instance, shared)
+        for _ in range(2):
+            driver.cleanup_migration_destination("dst", instance, shared)
+        assert harness.host_state("dst") == before["dst"]
+        # the source side is brought back by the revert, which finds dst clean
+        driver.finish_revert_migration("dst", "src", instance, OLD_FLAVOR, NET, BDI, True)
+        assert snapshot(harness) == before
+
+    def test_cleanup_never_removes_the_only_copy(self, harness, driver, cloud):
+        instance, shared = cloud["instance"], cloud["shared"]
+        resize(driver, instance, shared)
+        driver.confirm_migration("src", instance, shared)
+        after_confirm = snapshot(harness)
+        driver.cleanup_migration_destination("dst", instance, shared)
+        assert snapshot(harness) == after_confirm
+        assert driver.get_guest("dst", instance["uuid"])["state"] == "running"
+
+    def test_confirm_refuses_a_running_source_guest(self, harness, driver, cloud):
+        before = snapshot(harness)
+        with pytest.raises(exceptions.DriverError):
+            driver.confirm_migration("src", cloud["instance"], cloud["shared"])
+        assert snapshot(harness) == before
+
+    def test_revert_after_confirm_is_refused(self, harness, driver, cloud):
+        instance, shared = cloud["instance"], cloud["shared"]
+        resize(driver, instance, shared)
+        driver.confirm_migration("src", instance, shared)
+        after_confirm = snapshot(harness)
+        with pytest.raises(exceptions.DriverError):
+            driver.finish_revert_migration("dst", "src", instance, OLD_FLAVOR, NET, BDI,
+                                           True)
+        assert snapshot(harness) == after_confirm

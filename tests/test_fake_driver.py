@@ -24,6 +24,9 @@ NET = [{"port_id": "9f0c3c1e-5b8a-4c6e-9d51-0f8f2c1a7b11", "mac": "fa:16:3e:00:0
 BDI = [{"volume_id": "vol-1", "device": "/dev/vdb"}]
 PARAMS = {"bandwidth_mbps": 0, "downtime_ms": 500, "auto_converge": False,
           "post_copy": False}
+SMALL = {"name": "m1.medium", "memory_mb": 4096, "vcpus": 2, "disk_gb": 20}
+BIG = {"name": "m1.large", "memory_mb": 8192, "vcpus": 4, "disk_gb": 40}
+DISK = "/var/lib/migrateflow/instances/inst-1"
 
 
 def make_instance(uuid="inst-1", memory_mb=4096, disk_gb=20, volume_backed=False):
@@ -415,6 +418,14 @@ def test_rollback_and_abort_count_once(driver, inst):
     lambda d, i: d.cleanup("dst", i, True),
     lambda d, i: d.spawn("dst", i, NET, BDI),
     lambda d, i: d.destroy("dst", i),
+    lambda d, i: d.power_off("dst", i),
+    lambda d, i: d.power_on("dst", i),
+    lambda d, i: d.check_instance_shared_storage("src", "dst", i),
+    lambda d, i: d.migrate_disk_and_power_off("src", i, "dst", BIG, NET, BDI, False),
+    lambda d, i: d.finish_migration("dst", i, BIG, NET, BDI, True),
+    lambda d, i: d.confirm_migration("dst", i, False),
+    lambda d, i: d.finish_revert_migration("dst", "src", i, SMALL, NET, BDI, True),
+    lambda d, i: d.cleanup_migration_destination("dst", i, False),
 ])
 def test_down_host_is_unreachable(driver, inst, call):
     driver.set_host_up("dst", False)
@@ -441,6 +452,104 @@ def test_add_host_is_an_upsert_and_reset_forgets_everything(driver, inst):
     assert driver.counters() == {} and driver.timeline() == []
     with pytest.raises(exceptions.HostNotFound):
         driver.get_host_info("src")
+
+
+# -- cold migration / resize -------------------------------------------------------------
+
+def test_cold_migration_counters_count_only_real_changes(driver, inst):
+    uuid = inst["uuid"]
+    assert twice(driver.check_instance_shared_storage, "src", "dst", inst) is False
+    twice(driver.migrate_disk_and_power_off, "src", inst, "dst", BIG, NET, BDI, False)
+    twice(driver.finish_migration, "dst", inst, BIG, NET, BDI, True)
+    twice(driver.confirm_migration, "src", inst, False)
+    twice(driver.cleanup_migration_destination, "dst", inst, False)  # only copy: no-op
+    twice(driver.power_off, "dst", inst)
+    twice(driver.power_on, "dst", inst)
+    # and back again, reverted this time
+    twice(driver.migrate_disk_and_power_off, "dst", inst, "src", BIG, NET, BDI, False)
+    twice(driver.finish_migration, "src", inst, BIG, NET, BDI, True)
+    twice(driver.finish_revert_migration, "src", "dst", inst, BIG, NET, BDI, True)
+    twice(driver.cleanup_migration_destination, "src", inst, False)   # nothing left
+    expected = {(method, host, uuid): 1 for method, host in [
+        ("spawn", "src"), ("migrate_disk_and_power_off", "src"), ("finish_migration", "dst"),
+        ("confirm_migration", "src"), ("power_off", "dst"), ("power_on", "dst"),
+        ("migrate_disk_and_power_off", "dst"), ("finish_migration", "src"),
+        ("finish_revert_migration", "src")]}
+    assert driver.counters() == expected
+    assert placement(driver, uuid) == {"dst": "running"}
+    assert [f["path"] for f in driver.files("src")] == []
+    assert driver.files("dst") == [{"location": "host:dst", "path": DISK,
+                                    "instance": uuid, "disk_gb": 40}]
+
+
+def test_shared_storage_probe_is_uncounted_and_spares_the_live_probe(driver, inst):
+    driver.add_host("nfs-a", shared_storage="nfs")
+    driver.add_host("nfs-b", shared_storage="nfs")
+    assert driver.check_instance_shared_storage("nfs-a", "nfs-b", inst) is True
+    assert driver.check_instance_shared_storage("src", "nfs-b", inst) is False
+    check = driver.check_can_live_migrate_destination("dst", inst,
+                                                      driver.get_host_info("src"), None)
+    driver.check_instance_shared_storage("src", "dst", inst)
+    assert check["probe_file"] in [f["path"] for f in driver.files("dst")]
+    assert driver.files("nfs-a") == []
+    assert ("check_instance_shared_storage", "src", inst["uuid"]) not in driver.counters()
+
+
+def test_resize_moves_the_resource_usage(driver, inst):
+    driver.set_dirty_rate(inst["uuid"], 128)
+    src_free = driver.get_host_info("src")["memory_free_mb"]
+    dst_disk = driver.get_host_info("dst")["disk_free_gb"]
+    driver.migrate_disk_and_power_off("src", inst, "dst", BIG, NET, BDI, False)
+    assert driver.get_host_info("src")["memory_free_mb"] == src_free + inst["memory_mb"]
+    assert driver.get_host_info("dst")["disk_free_gb"] == dst_disk - 40
+    driver.finish_migration("dst", inst, BIG, NET, BDI, True)
+    guest = driver.guests("dst")[0]
+    assert (guest["memory_mb"], guest["vcpus"], guest["disk_gb"]) == (8192, 4, 40)
+    assert guest["dirty_rate_mbps"] == 128           # the same guest, only resized
+    names = [e["event"] for e in driver.timeline(inst["uuid"])]
+    assert names == ["spawn", "migrate_disk_and_power_off", "finish_migration"]
+
+
+def test_volume_backed_instance_may_get_a_smaller_local_disk(driver):
+    instance = make_instance("vb-1", disk_gb=20, volume_backed=True)
+    driver.spawn("src", instance, NET, BDI)
+    driver.migrate_disk_and_power_off("src", instance, "dst", dict(BIG, disk_gb=0), NET,
+                                      BDI, False)
+    assert driver.get_guest("src", "vb-1")["state"] == "shutdown"
+
+
+def test_resize_to_the_same_host_is_refused(driver, inst):
+    with pytest.raises(exceptions.DriverError, match="to itself"):
+        driver.migrate_disk_and_power_off("src", inst, "src", BIG, NET, BDI, False)
+    assert placement(driver, inst["uuid"]) == {"src": "running"}
+
+
+@pytest.mark.parametrize("when, committed", [("before", False), ("after", True)])
+def test_kill_in_migrate_disk_and_a_rerun(state_file, driver, inst, when, committed):
+    driver.inject_fault("migrate_disk_and_power_off", action="kill", when=when)
+    child = run_child(state_file, f"""
+        drv.migrate_disk_and_power_off("src", {inst!r}, "dst", {BIG!r}, {NET!r}, {BDI!r},
+                                       False)
+        print("survived")
+    """)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert "survived" not in child.stdout
+    assert bool(driver.files("dst")) is committed
+    state = {host: (driver.guests(host), driver.files(host), driver.vifs(host),
+                    driver.volume_connections(host)) for host in ("src", "dst")}
+    counters, timeline = driver.counters(), driver.timeline()
+    result = driver.migrate_disk_and_power_off("src", inst, "dst", BIG, NET, BDI, False)
+    assert result == {"disk_info": [{"path": DISK, "disk_gb": 40, "copied": True}]}
+    assert driver.files("dst") == [{"location": "host:dst", "path": DISK,
+                                    "instance": inst["uuid"], "disk_gb": 40}]
+    assert driver.get_guest("src", inst["uuid"])["state"] == "shutdown"
+    assert driver.vifs("src") == driver.volume_connections("src") == []
+    if committed:       # the re-run after the crash found everything done
+        assert driver.counters() == counters and driver.timeline() == timeline
+        assert {host: (driver.guests(host), driver.files(host), driver.vifs(host),
+                       driver.volume_connections(host))
+                for host in ("src", "dst")} == state
+    assert driver.side_effects(inst["uuid"])[("migrate_disk_and_power_off", "src")] == 1
 
 
 # -- configuration -----------------------------------------------------------------------
