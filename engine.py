@@ -42,6 +42,8 @@ _ZK_RECONNECT = {"max_tries": -1, "delay": 0.1, "backoff": 2, "max_delay": 1.0}
 
 _backends = {}
 _boards = {}
+_running = set()
+_running_lock = threading.Lock()
 _backends_lock = threading.Lock()
 
 
@@ -149,8 +151,23 @@ def resume(migration_id, listeners=()):
     return True
 
 
+def process_id():
+    """Who runs a flow: "<host name>:<pid>" (recorded as the migration's
+    owner, so a sweeper on the same host can tell a live runner)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def running_here():
+    """Migrations whose flow runs in this process right now."""
+    with _running_lock:
+        return set(_running)
+
+
 def _run_engine(engine, migration_id, listeners=()):
     started = time.monotonic()
+    db_api.get_db().update_migration(migration_id, owner=process_id())
+    with _running_lock:
+        _running.add(migration_id)
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(StepMirror(engine, migration_id))
@@ -162,6 +179,8 @@ def _run_engine(engine, migration_id, listeners=()):
             settle(migration_id, f"{type(err).__name__}: {err}")
         raise
     finally:
+        with _running_lock:
+            _running.discard(migration_id)
         LOG.debug("flow ended migration=%s seconds=%.3f", migration_id,
                   time.monotonic() - started)
 
@@ -313,6 +332,8 @@ class MigrationConductor(nonblocking.NonBlockingConductor):
 
     def _run_job(self, job):
         migration_id = (job.details or {}).get("migration_id")
+        if migration_id:
+            db_api.get_db().update_migration(migration_id, owner=process_id())
         flow_detail = self._flow_detail_from_job(job)
         if flow_detail.state in _FLOW_DONE:
             # finished before the last owner could consume it: running it

@@ -10,10 +10,14 @@ copy).  What the sweeper does depends on the facts, never on a guess:
 * jobboard mode, its job is on the board → a conductor owns or will claim
   it: leave it (a dead owner's claim vanishes with its session);
 * jobboard mode, no job → post the persisted flow again (resume);
-* embedded mode → resume the flow in this process.
+* embedded mode, its recorded owner is a live process of this host (or
+  this process runs it) → leave it: it is slow, not stuck;
+* embedded mode otherwise → resume the flow in this process.
 """
 import contextlib
 import logging
+import os
+import socket
 import time
 
 from taskflow import exceptions as tf_exc
@@ -79,5 +83,23 @@ def _sweep_one(conf, mig, board_jobs):
             return "owned"
         engine.repost(mig["uuid"])
         return "reposted"
+    if _runs_elsewhere_on_this_host(mig["owner"]) or mig["uuid"] in engine.running_here():
+        return "owned"  # slow, not stuck: its process is alive
     engine.resume(mig["uuid"])
     return "resumed"
+
+
+def _runs_elsewhere_on_this_host(owner):
+    """True when ``owner`` ("host:pid") is another live process of this
+    host.  A process on another host cannot be asked: the age bound alone
+    decides then."""
+    host, _, pid = (owner or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

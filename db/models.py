@@ -130,6 +130,7 @@ migrations = sa.Table(
     sa.Column("force_complete_requested", sa.Boolean, nullable=False, default=False),
     sa.Column("flow_uuid", sa.String(36), nullable=True),
     sa.Column("job_uuid", sa.String(36), nullable=True),
+    sa.Column("owner", sa.String(255), nullable=True),
     sa.Column("finished_at", sa.Float, nullable=True),
     *_timestamps(),
 )

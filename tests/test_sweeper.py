@@ -121,3 +121,25 @@ def test_sweep_reposts_a_lost_job_and_leaves_owned_ones(small_cloud, db, driver,
     assert (inst["host"], inst["task_state"]) == ("host-b", None)
     repeated = {k: n for k, n in driver.side_effects(inst["uuid"]).items() if n > 1}
     assert repeated == {}
+
+
+def test_sweep_leaves_a_migration_whose_process_is_alive(small_cloud, db, driver, conf,
+                                                         monkeypatch):
+    """Embedded mode: a flow blocked for longer than the bound in a live
+    process of this host is slow, not stuck; it is not resumed twice."""
+    import subprocess
+    import sys
+    mig = _interrupted_migration(small_cloud, monkeypatch)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        db.update_migration(mig["uuid"], owner=f"{__import__('socket').gethostname()}:"
+                                               f"{sleeper.pid}")
+        _age(db, mig["uuid"], conf.jobboard.stuck_after + 1)
+        assert sweeper.sweep() == [(mig["uuid"], "owned")]
+        assert db.get_migration(mig["uuid"])["status"] == "preparing"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    _age(db, mig["uuid"], conf.jobboard.stuck_after + 1)
+    assert sweeper.sweep() == [(mig["uuid"], "resumed")]  # its process is gone
+    assert db.get_migration(mig["uuid"])["status"] == "completed"
