@@ -24,7 +24,7 @@ from taskflow.persistence import models as tf_models
 from taskflow.persistence.backends import impl_memory, impl_zookeeper
 from taskflow.utils import persistence_utils as p_utils
 
-from migrateflow import lifecycle, persistence
+from migrateflow import graph, lifecycle, persistence
 from migrateflow.conf import CONF
 from migrateflow.db import api as db_api
 from migrateflow.states import LIVE_TERMINAL, VmState
@@ -242,20 +242,9 @@ def flow_atoms(flow_uuid, factory=None):
               "failure": ad.failure.exception_str if ad.failure else None}
              for ad in detail if not ad.name.startswith("_TaskFlow_")]
     if factory is not None:
-        order = list(_walk(factory()))
+        order = graph.execution_order(graph.describe(factory()))
         atoms.sort(key=lambda a: order.index(a["name"]) if a["name"] in order else len(order))
     return atoms
-
-
-def _walk(flow):
-    """Atom names of ``flow`` in execution order, subflows and retries in."""
-    if flow.retry is not None:
-        yield flow.retry.name
-    for node, _meta in flow.iter_nodes():
-        if hasattr(node, "iter_nodes"):
-            yield from _walk(node)
-        else:
-            yield node.name
 
 
 # -- jobboard: post a flow as a job, conductors run it ----------------------

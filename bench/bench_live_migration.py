@@ -22,12 +22,11 @@ import tempfile
 import time
 
 import taskflow.engines
-import taskflow.flow
 from taskflow import task
 from taskflow.patterns import linear_flow
 from taskflow.persistence import backends as tf_backends
 
-from migrateflow import api, cloud, drivers, engine
+from migrateflow import api, cloud, drivers, engine, graph
 from migrateflow.conf import CONF
 from migrateflow.db import api as db_api
 from migrateflow.flows import live_migration
@@ -38,13 +37,9 @@ class NoOp(task.Task):
         return None
 
 
-def atom_count(flow=None):
+def atom_count():
     """Tasks and retry controllers of the flow, nested subflows included."""
-    flow = flow or live_migration.build()
-    count = 1 if flow.retry is not None else 0
-    for node, _meta in flow.iter_nodes():
-        count += atom_count(node) if isinstance(node, taskflow.flow.Flow) else 1
-    return count
+    return len(graph.execution_order(graph.describe(live_migration.build())))
 
 
 def noop_flow(n):
