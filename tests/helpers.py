@@ -1,6 +1,7 @@
 """Helpers shared by the flow and API tests: end-state snapshots of the
 database and the fake hypervisors, and step-failure injection."""
 import functools
+import time
 
 from taskflow.listeners import capturing
 
@@ -86,3 +87,37 @@ def fail_after_execute(monkeypatch, task_cls, message="injected failure"):
         raise exc.InjectedFault(f"{message} in {self.NAME}")
 
     monkeypatch.setattr(task_cls, "execute", execute)
+
+
+def wait_until(predicate, timeout=30.0, what="condition"):
+    """Poll ``predicate`` until true; fail the test after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def conductor_config(conf, path, hosts=None, session_timeout=None):
+    """Write the test's configuration for a conductor in another process
+    (jobboard enabled; ``hosts``/``session_timeout`` override the
+    jobboard's); returns the file's path."""
+    path.write_text(f"""[DEFAULT]
+state_path = {conf.state_path}
+compute_driver = {conf.compute_driver}
+[database]
+connection = {conf.database.connection}
+[fake_driver]
+state_file = {conf.fake_driver.state_file}
+[persistence]
+backend = {conf.persistence.backend}
+[migration]
+live_migration_poll_interval = {conf.migration.live_migration_poll_interval}
+post_migration_retry_interval = 0
+[jobboard]
+enabled = true
+hosts = {hosts or ",".join(conf.jobboard.hosts)}
+path = {conf.jobboard.path}
+session_timeout = {session_timeout or conf.jobboard.session_timeout}
+stuck_after = 3600
+""")
+    return str(path)

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from helpers import conductor_config, wait_until
 from migrateflow import api, engine
 
 
@@ -20,47 +21,20 @@ def jobboard(zk_conf, tmp_path):
     zk_conf.clear_override("enabled", group="jobboard")
 
 
-def config_file(conf, path):
-    """The test's configuration, for a conductor in another process."""
-    path.write_text(f"""[DEFAULT]
-state_path = {conf.state_path}
-[database]
-connection = {conf.database.connection}
-[fake_driver]
-state_file = {conf.fake_driver.state_file}
-[migration]
-live_migration_poll_interval = {conf.migration.live_migration_poll_interval}
-post_migration_retry_interval = 0
-[jobboard]
-enabled = true
-hosts = {",".join(conf.jobboard.hosts)}
-path = {conf.jobboard.path}
-session_timeout = {conf.jobboard.session_timeout}
-""")
-    return str(path)
-
-
 def start_conductor(config, log_path):
     return subprocess.Popen(
         [sys.executable, "-m", "migrateflow.cli", "--config-file", config, "conductor"],
         stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
 
 
-def _wait_until(predicate, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
 def test_conductor_runs_posted_migrations(jobboard, small_cloud, db, driver, tmp_path):
-    proc = start_conductor(config_file(jobboard, tmp_path / "mf.conf"), tmp_path / "c.log")
+    proc = start_conductor(conductor_config(jobboard, tmp_path / "mf.conf"), tmp_path / "c.log")
     try:
         inst = small_cloud["instance"]
         mig = api.MigrationAPI().live_migrate(inst["uuid"], "host-b", wait=True)
         assert mig["status"] == "completed", (tmp_path / "c.log").read_text()[-2000:]
         assert db.get_instance(inst["uuid"])["host"] == "host-b"
-        _wait_until(lambda: engine.get_board().job_count == 0, what="job consumed")
+        wait_until(lambda: engine.get_board().job_count == 0, what="job consumed")
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
@@ -71,12 +45,12 @@ def test_conductor_runs_posted_migrations(jobboard, small_cloud, db, driver, tmp
 def test_sigterm_mid_copy_hands_the_migration_to_another_conductor(
         jobboard, small_cloud, db, driver, tmp_path):
     inst = small_cloud["instance"]
-    config = config_file(jobboard, tmp_path / "mf.conf")
+    config = conductor_config(jobboard, tmp_path / "mf.conf")
     # the copy makes no progress until the fault is cleared
     driver.inject_fault("get_migration_job", action="hang", instance=inst["uuid"], count=-1)
     first = start_conductor(config, tmp_path / "first.log")
     mig = api.MigrationAPI().live_migrate(inst["uuid"], "host-b", wait=False)
-    _wait_until(lambda: db.get_migration(mig["uuid"])["status"] == "running",
+    wait_until(lambda: db.get_migration(mig["uuid"])["status"] == "running",
                 what="the copy to start")
     started = time.monotonic()
     first.send_signal(signal.SIGTERM)

@@ -64,8 +64,9 @@ import pytest
 from futurist import _thread as futurist_thread
 from taskflow import states as st
 
+from helpers import conductor_config
 from migrateflow import api as api_mod
-from migrateflow import engine
+from migrateflow import engine, graph
 from migrateflow.conf import CONF
 from migrateflow.flows import live_migration
 
@@ -85,7 +86,7 @@ WORKER_IDLE = 0.05
 FINISH_TIMEOUT = 60.0
 
 #: every atom of the flow, in the order it runs (the retry controller included)
-ATOMS = list(engine._walk(live_migration.build()))
+ATOMS = graph.execution_order(graph.describe(live_migration.build()))
 #: the atoms that run before the copy is started: what a rollback reverts
 ROLLBACK_ATOMS = ATOMS[:ATOMS.index("live-migration") + 1]
 
@@ -355,26 +356,8 @@ class Env:
         self.journal = str(tmp_path / "journal")
         self.config = str(tmp_path / "migrateflow.conf")
         self.conductors = []
-        with open(self.config, "w") as f:
-            f.write(f"""[DEFAULT]
-state_path = {tmp_path}
-compute_driver = fake
-[database]
-connection = {CONF.database.connection}
-[fake_driver]
-state_file = {CONF.fake_driver.state_file}
-[persistence]
-backend = {CONF.persistence.backend}
-[jobboard]
-enabled = true
-hosts = {zk_hosts}
-path = {CONF.jobboard.path}
-session_timeout = {SESSION_TIMEOUT}
-stuck_after = 3600
-[migration]
-live_migration_poll_interval = 0
-post_migration_retry_interval = 0
-""")
+        conductor_config(CONF, tmp_path / "migrateflow.conf", hosts=zk_hosts,
+                         session_timeout=SESSION_TIMEOUT)
 
     def start(self, label, kill_at=None, kill_on_job_status=None):
         argv = ["--config-file", self.config, "--journal", self.journal, "--label", label,

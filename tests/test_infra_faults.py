@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 import servers
-from helpers import snapshot
+from helpers import snapshot, wait_until
 from migrateflow import api, engine, service
 from migrateflow.db import api as db_api
 from test_sql_servers import scratch_database
@@ -48,13 +48,6 @@ def _stall_copy(driver, inst_uuid):
     driver.inject_fault("get_migration_job", action="hang", instance=inst_uuid, count=-1)
 
 
-def _wait_until(predicate, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
 def _assert_moved_once(db, driver, inst_uuid, dest):
     got = db.get_instance(inst_uuid)
     assert (got["host"], got["task_state"], got["vm_state"]) == (dest, None, "active")
@@ -71,12 +64,12 @@ def _run_stalled(db, driver, inst_uuid, during_stall):
     _stall_copy(driver, inst_uuid)
     with Conductor():
         mig = client.live_migrate(inst_uuid, "host-b", wait=False)
-        _wait_until(lambda: db.get_migration(mig["uuid"])["status"] == "running",
+        wait_until(lambda: db.get_migration(mig["uuid"])["status"] == "running",
                     what="the copy to start")
         during_stall()
         driver.clear_faults()
         mig = client.wait(mig["uuid"], timeout=60)
-        _wait_until(lambda: engine.get_board().job_count == 0, what="the job to be consumed")
+        wait_until(lambda: engine.get_board().job_count == 0, what="the job to be consumed")
     return mig
 
 

@@ -3,7 +3,7 @@ and flow persistence, fake hypervisors.  Every test asserts the end state
 in the database and in the fake driver."""
 import pytest
 
-from helpers import CaptureFactory, fail_after_execute, snapshot
+from helpers import CaptureFactory, fail_after_execute, snapshot, wait_until
 from migrateflow import api, cloud
 from migrateflow.flows import live_migration
 from migrateflow.tasks import live_checks, live_prepare
@@ -221,21 +221,13 @@ def test_operator_abort_cancels_and_rolls_back(small_cloud, db, driver):
     driver.inject_fault("get_migration_job", action="hang", instance=inst["uuid"], count=-1)
     client = _api()
     mig = client.live_migrate(inst["uuid"], "host-b", wait=False)
-    _wait_for(lambda: db.get_migration(mig["uuid"])["status"] == "running")
+    wait_until(lambda: db.get_migration(mig["uuid"])["status"] == "running")
     client.abort(mig["uuid"])
-    _wait_for(lambda: db.get_migration(mig["uuid"])["status"] not in ("running",))
+    wait_until(lambda: db.get_migration(mig["uuid"])["status"] not in ("running",))
     mig = db.get_migration(mig["uuid"])
     assert mig["status"] == "cancelled" and "aborted" in mig["error"]
     driver.clear_faults()
     assert snapshot(db, driver, inst["uuid"]) == before
-
-
-def _wait_for(predicate, timeout=20.0):
-    import time
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
 
 
 def test_second_migration_after_first(small_cloud, db, driver):
