@@ -14,12 +14,11 @@ import taskflow.engines
 from oslo_db.sqlalchemy import engines as oslo_engines
 from taskflow import exceptions as exc
 from taskflow import states
-from taskflow import task
-from taskflow.patterns import linear_flow as lf
 from taskflow.patterns import unordered_flow as uf
 from taskflow.persistence import models
 from taskflow.types import failure as ft
 
+import logged_flow
 from migrateflow import persistence as P
 
 PG_ADMIN = "postgresql+psycopg2://postgres@127.0.0.1/test"
@@ -258,49 +257,13 @@ def test_destroy_and_clear_all(backend):
 
 
 # ------------------------------------------------------------ TaskFlow engines
-class _Crash(BaseException):
-    """Stands for the process dying in the middle of a task."""
-
-
-class _Step(task.Task):
-    """Appends what it does to a log file (shared with a resumed process)."""
-
-    def __init__(self, name, log, fail=False, crash_flag=None, **kw):
-        super().__init__(name=name, **kw)
-        self._log, self._fail, self._crash_flag = log, fail, crash_flag
-
-    def _note(self, what):
-        with open(self._log, "a") as f:
-            f.write("%s %s\n" % (what, self.name))
-
-    def execute(self, x):
-        self._note("execute")
-        if self._crash_flag and os.path.exists(self._crash_flag):
-            os.unlink(self._crash_flag)
-            raise _Crash()
-        if self._fail:
-            raise RuntimeError("step %s failed" % self.name)
-        return x + 1
-
-    def revert(self, x, result, flow_failures):
-        self._note("revert")
-        return "undo-" + self.name
+_Crash = logged_flow.Crash
+_log_lines = logged_flow.log_lines
 
 
 def chain_flow(log, crash_flag=None, fail_at=None, n=4):
     """Module-level factory (load_from_detail re-imports it by name)."""
-    flow = lf.Flow("chain")
-    for i in range(n):
-        flow.add(_Step("s%d" % i, log, fail=(i == fail_at),
-                       crash_flag=crash_flag if i == 2 else None,
-                       provides="v%d" % i,
-                       rebind={"x": "x" if i == 0 else "v%d" % (i - 1)}))
-    return flow
-
-
-def _log_lines(log):
-    with open(log) as f:
-        return f.read().split("\n")[:-1]
+    return logged_flow.chain(logged_flow.LoggedStep, log, crash_flag, fail_at=fail_at, n=n)
 
 
 def test_engine_failure_reverts_and_persists(backend, tmp_path):
@@ -364,7 +327,7 @@ def test_parallel_engine_unordered(backend, tmp_path):
     log = str(tmp_path / "log")
     flow = uf.Flow("fan")
     for i in range(8):
-        flow.add(_Step("p%d" % i, log, provides="r%d" % i))
+        flow.add(logged_flow.LoggedStep("p%d" % i, log, provides="r%d" % i))
     eng = taskflow.engines.load(flow, store={"x": 1}, backend=backend,
                                 engine="parallel", max_workers=4)
     eng.run()

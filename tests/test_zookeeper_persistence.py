@@ -16,17 +16,15 @@ import pytest
 import taskflow.engines
 from kazoo.client import KazooClient
 from kazoo.protocol.states import KazooState
-from taskflow import flow as tf_flow
 from taskflow import states
-from taskflow import task
-from taskflow.patterns import linear_flow as lf
 from taskflow.persistence import backends as tf_backends
 from taskflow.persistence import models
 from taskflow.persistence.backends import impl_zookeeper
 
+import logged_flow
 import servers
 from helpers import snapshot
-from migrateflow import api, engine
+from migrateflow import api, engine, graph
 from migrateflow.flows import live_migration
 
 FLOW_PATH = "/flows"
@@ -68,60 +66,13 @@ def _kazoo(hosts, timeout=10.0, **kwargs):
 
 
 # ----------------------------------------------------------------- the flow
-class _Crash(BaseException):
-    """Stands for the process dying in the middle of a task."""
-
-
-class _Step(task.Task):
-    """Appends what it does to a log file (shared with a resumed process).
-
-    ``crash``: "raise" raises _Crash, "kill" SIGKILLs the process, each
-    only while the flag file exists (it is removed first: a resumed run
-    goes through).
-    """
-
-    def __init__(self, name, log, fail=False, crash_flag=None, crash="raise", **kw):
-        super().__init__(name=name, **kw)
-        self._log, self._fail = log, fail
-        self._crash_flag, self._crash = crash_flag, crash
-
-    def _note(self, what):
-        with open(self._log, "a") as f:
-            f.write("%s %s\n" % (what, self.name))
-
-    def execute(self, x):
-        self._note("execute")
-        if self._crash_flag and os.path.exists(self._crash_flag):
-            os.unlink(self._crash_flag)
-            if self._crash == "kill":
-                os.kill(os.getpid(), 9)
-            raise _Crash()
-        if self._fail:
-            raise RuntimeError("step %s failed" % self.name)
-        return x + 1
-
-    def revert(self, x, result, flow_failures):
-        self._note("revert")
-        # the position of this revert, persisted as its revert result
-        return sum(1 for line in _log_lines(self._log) if line.startswith("revert"))
+_Crash = logged_flow.Crash
+_log_lines = logged_flow.log_lines
 
 
 def chain_flow(log, crash_flag=None, crash="raise", fail_at=None, n=4):
     """Module-level factory (load_from_detail re-imports it by name)."""
-    flow = lf.Flow("chain")
-    for i in range(n):
-        flow.add(_Step("s%d" % i, log, fail=(i == fail_at),
-                       crash_flag=crash_flag if i == 2 else None, crash=crash,
-                       provides="v%d" % i,
-                       rebind={"x": "x" if i == 0 else "v%d" % (i - 1)}))
-    return flow
-
-
-def _log_lines(log):
-    if not os.path.exists(log):
-        return []
-    with open(log) as f:
-        return f.read().split("\n")[:-1]
+    return logged_flow.chain(logged_flow.PositionStep, log, crash_flag, crash, fail_at, n)
 
 
 def _run_until_killed(hosts, log, flag):
@@ -248,24 +199,13 @@ def test_live_migration_with_zookeeper_persistence(zk_conf, zk_hosts, small_clou
         fresh.close()
     assert fd.state == states.SUCCESS
     atoms = {ad.name: ad.state for ad in fd}
-    flow_steps = set(_atom_names(live_migration.build()))
+    flow_steps = set(graph.execution_order(graph.describe(live_migration.build())))
     assert "complete-live-migration" in flow_steps and flow_steps <= set(atoms)
     assert {atoms[name] for name in flow_steps} == {states.SUCCESS}
     # migrateflow's own reading of the flow (migration-show) finds it too
     listed = engine.flow_atoms(mig["flow_uuid"], live_migration.build)
     assert listed and listed[-1]["name"] == "complete-live-migration"
     assert {a["state"] for a in listed} == {states.SUCCESS}
-
-
-def _atom_names(flow):
-    """Names of the tasks and retries of ``flow``, nested flows included."""
-    if flow.retry is not None:
-        yield flow.retry.name
-    for node, _meta in flow.iter_nodes():
-        if isinstance(node, tf_flow.Flow):
-            yield from _atom_names(node)
-        else:
-            yield node.name
 
 
 def test_server_restart_keeps_data(zk_private_server):
