@@ -15,6 +15,7 @@ import time
 from migrateflow import exceptions
 from migrateflow.drivers import base
 from migrateflow.drivers import fake_cold
+from migrateflow.drivers import fake_jobs as jobs
 from migrateflow.drivers import fake_model as model
 
 LOG = logging.getLogger(__name__)
@@ -151,8 +152,7 @@ class FakeDriver(fake_cold.ColdMigration, base.ComputeDriver):
             where = model.storage_of(model.get_host(db, dest))
             changed = model.ensure_file(db, where, model.instance_dir(uuid), uuid,
                                         instance.get("disk_gb") or 0)
-            changed |= model.connect_volumes(db, dest, uuid, block_device_info)
-            changed |= model.plug_vifs(db, dest, uuid, network_info)
+            changed |= model.attach_guest(db, dest, uuid, block_device_info, network_info)
             if changed:
                 model.record_change(db, "pre_live_migration", dest, uuid)
         return dict(migrate_data or {})
@@ -187,7 +187,7 @@ class FakeDriver(fake_cold.ColdMigration, base.ComputeDriver):
             raise exceptions.DriverError(f"cannot migrate {uuid} from {source} to itself")
         with self._tx() as db:
             links = [model.get_host(db, name)["link_mbps"] for name in (source, dest)]
-            job, _ = model.job_of(db, source, uuid)
+            job, _ = jobs.job_of(db, source, uuid)
             incoming = model.get_guest(db, dest, uuid)
             if (job is not None and job["status"] == "running") or (
                     incoming is not None and incoming["state"] == RUNNING):
@@ -197,7 +197,7 @@ class FakeDriver(fake_cold.ColdMigration, base.ComputeDriver):
                 raise exceptions.DriverError(f"guest {uuid} is not running on {source}")
             if incoming is not None:
                 raise exceptions.DriverError(f"guest {uuid} is already defined on {dest}")
-            sim = model.new_simulation(guest["memory_mb"],
+            sim = jobs.new_simulation(guest["memory_mb"],
                                        params.get("bandwidth_mbps") or min(links), params)
             db.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, 'running', NULL, ?)",
                        (uuid, source, dest, json.dumps(sim)))
@@ -214,12 +214,12 @@ class FakeDriver(fake_cold.ColdMigration, base.ComputeDriver):
         duration, view = 0.0, None
         with self._tx() as db:
             model.get_host(db, source)
-            row, sim = model.job_of(db, source, uuid)
+            row, sim = jobs.job_of(db, source, uuid)
             if row is not None:
                 if row["status"] == "running" and not stalled:
-                    duration = model.advance_job(db, row, sim)
-                    row, sim = model.job_of(db, source, uuid)
-                view = model.job_view(sim, row["status"], row["error"])
+                    duration = jobs.advance_job(db, row, sim)
+                    row, sim = jobs.job_of(db, source, uuid)
+                view = jobs.job_view(sim, row["status"], row["error"])
         if self.time_scale > 0 and duration > 0:
             time.sleep(duration * self.time_scale)
         model.fire_fault(self._store, "get_migration_job", source, uuid, "after")
@@ -230,10 +230,10 @@ class FakeDriver(fake_cold.ColdMigration, base.ComputeDriver):
         uuid = instance["uuid"]
         with self._tx() as db:
             model.get_host(db, source)
-            row, sim = model.running_job(db, source, uuid)
+            row, sim = jobs.running_job(db, source, uuid)
             if sim["downtime_limit_ms"] != float(downtime_ms):
                 sim["downtime_limit_ms"] = float(downtime_ms)
-                model.save_job(db, row, sim)
+                jobs.save_job(db, row, sim)
                 model.record_change(db, "live_migration_set_downtime", source, uuid)
 
     @_hooked
@@ -241,7 +241,7 @@ class FakeDriver(fake_cold.ColdMigration, base.ComputeDriver):
         uuid = instance["uuid"]
         with self._tx() as db:
             model.get_host(db, source)
-            row, sim = model.job_of(db, source, uuid)
+            row, sim = jobs.job_of(db, source, uuid)
             model.bump_marker(db, f"abort:{uuid}")
             if row is None or row["status"] in ("cancelled", "failed"):
                 return
@@ -249,7 +249,7 @@ class FakeDriver(fake_cold.ColdMigration, base.ComputeDriver):
                 raise exceptions.InvalidMigrationState(
                     f"migration of instance {uuid} from {source} cannot be aborted: "
                     f"{'it completed' if row['status'] == 'completed' else 'post-copy'}")
-            model.end_job(db, row, sim, "cancelled")
+            jobs.end_job(db, row, sim, "cancelled")
             model.record_change(db, "live_migration_abort", source, uuid)
 
     @_hooked
@@ -257,13 +257,13 @@ class FakeDriver(fake_cold.ColdMigration, base.ComputeDriver):
         uuid = instance["uuid"]
         with self._tx() as db:
             model.get_host(db, source)
-            row, sim = model.running_job(db, source, uuid)
+            row, sim = jobs.running_job(db, source, uuid)
             if not sim["post_copy_permitted"]:
                 changed = model.set_guest(db, source, uuid, state=PAUSED)
             else:
                 changed = not sim["post_copy"]
                 sim["post_copy"] = True
-                model.save_job(db, row, sim)
+                jobs.save_job(db, row, sim)
                 model.set_guest(db, row["dest"], uuid, state=RUNNING)
                 model.set_guest(db, source, uuid, state=PAUSED)
             if changed:
@@ -277,7 +277,7 @@ class FakeDriver(fake_cold.ColdMigration, base.ComputeDriver):
         with self._tx() as db:
             model.get_host(db, source)
             guest = model.get_guest(db, source, uuid)
-            job, _ = model.job_of(db, source, uuid)
+            job, _ = jobs.job_of(db, source, uuid)
             if (guest is not None and guest["state"] == RUNNING) or (
                     job is not None and job["status"] == "running"):
                 raise exceptions.DriverError(
@@ -320,8 +320,7 @@ class FakeDriver(fake_cold.ColdMigration, base.ComputeDriver):
                 changed = model.set_guest(db, host, uuid, state=RUNNING)
             changed |= model.ensure_file(db, where, model.instance_dir(uuid), uuid,
                                          instance.get("disk_gb") or 0)
-            changed |= model.plug_vifs(db, host, uuid, network_info)
-            changed |= model.connect_volumes(db, host, uuid, block_device_info)
+            changed |= model.attach_guest(db, host, uuid, block_device_info, network_info)
             if changed:
                 model.record_change(db, "spawn", host, uuid)
 

@@ -103,8 +103,7 @@ class ColdMigration:
             else:
                 changed = model.set_guest(db, dest, uuid, state=state, persistent=1,
                                           **columns)
-            changed |= model.connect_volumes(db, dest, uuid, block_device_info)
-            changed |= model.plug_vifs(db, dest, uuid, network_info)
+            changed |= model.attach_guest(db, dest, uuid, block_device_info, network_info)
             if changed:
                 model.record_change(db, "finish_migration", dest, uuid)
         return state
@@ -138,8 +137,7 @@ class ColdMigration:
             changed = model.clear_guest(db, dest_row, uuid, drop_disk=True)
             changed |= model.set_guest(db, source, uuid, state=state,
                                        **model.flavor_columns(old_flavor))
-            changed |= model.connect_volumes(db, source, uuid, block_device_info)
-            changed |= model.plug_vifs(db, source, uuid, network_info)
+            changed |= model.attach_guest(db, source, uuid, block_device_info, network_info)
             if changed:
                 model.record_change(db, "finish_revert_migration", dest, uuid)
         return state
