@@ -4,7 +4,7 @@ One ``transaction_context`` per database URL, cached for the process: tasks
 look the database up from configuration at run time, never hold it in the
 store.  SQLite files get WAL journalling, a busy timeout, a connection pool and
 ``BEGIN IMMEDIATE`` transactions so concurrent writers queue instead of
-failing (``persistence.tune_sqlite_engine``, shared with flow persistence).
+failing (``db.sqlite``, shared with flow persistence).
 """
 import os
 import threading
@@ -12,7 +12,7 @@ import threading
 import sqlalchemy as sa
 from oslo_db.sqlalchemy import enginefacade
 
-from migrateflow import persistence
+from migrateflow.db import sqlite
 
 _lock = threading.Lock()
 _contexts = {}
@@ -38,7 +38,7 @@ def get_context(url, synchronous="NORMAL"):
             # oslo.db forces a NullPool on SQLite files (a new connection per
             # transaction: measured 1.5 ms per write against 0.22 ms pooled);
             # the tuning puts a QueuePool back and turns WAL on
-            hooks.append(lambda engine: persistence.tune_sqlite_engine(engine, synchronous))
+            hooks.append(lambda engine: sqlite.tune_sqlite_engine(engine, synchronous))
         ctx = enginefacade.transaction_context()
         # thread_checkin adds a sleep(0) per connection check-in for
         # eventlet; under plain threads it only costs (~0.1 ms each)
