@@ -32,6 +32,15 @@ class MigrationNotFound(NotFound):
         super().__init__(f"migration {migration_id!r} not found")
 
 
+class FlavorNotFound(NotFound):
+    def __init__(self, flavor):
+        super().__init__(f"flavor {flavor!r} not found")
+
+
+class QuotaExceeded(InvalidRequest):
+    """The project's quota does not allow the request."""
+
+
 class InvalidHostName(InvalidRequest):
     pass
 

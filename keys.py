@@ -32,3 +32,16 @@ class StoreKey(enum.StrEnum):
     #: port binding / volume connection snapshot taken before the move
     NETWORK_INFO = "network_info"
     BLOCK_DEVICE_INFO = "block_device_info"
+    #: cold migration / resize: flavors as {name, memory_mb, vcpus, disk_gb}
+    OLD_FLAVOR = "old_flavor"
+    NEW_FLAVOR = "new_flavor"
+    #: whether source and destination share the instance path (probe file)
+    SHARED_STORAGE = "shared_storage"
+    #: what migrate_disk_and_power_off copied
+    DISK_INFO = "disk_info"
+    #: start the guest after the move (it was running before)
+    POWER_ON = "power_on"
+    #: evacuation: the instance's disk is already on the destination's storage
+    ON_SHARED_STORAGE = "on_shared_storage"
+    #: the guest's power state after a step that (re)started it
+    POWER_STATE = "power_state"

@@ -10,7 +10,7 @@ import os
 import uuid as uuidlib
 
 from migrateflow import exceptions as exc
-from migrateflow.db import attachments, moves
+from migrateflow.db import attachments, moves, resizes
 from migrateflow.db import engine as db_engine
 from migrateflow.db import models as m
 from migrateflow.db.common import now as _now, retry as _retry, row as _row
@@ -26,7 +26,7 @@ def _host_dict(row):
     return host
 
 
-class StateDB(moves.MigrationRecords, attachments.Attachments):
+class StateDB(moves.MigrationRecords, resizes.ResizeRecords, attachments.Attachments):
     """Access to one state database (by URL)."""
 
     def __init__(self, url, synchronous="NORMAL"):

@@ -132,6 +132,13 @@ migrations = sa.Table(
     sa.Column("job_uuid", sa.String(36), nullable=True),
     sa.Column("owner", sa.String(255), nullable=True),
     sa.Column("finished_at", sa.Float, nullable=True),
+    # resize / cold migration: flavors as JSON {name, memory_mb, vcpus, disk_gb}
+    sa.Column("old_flavor", sa.Text, nullable=True),
+    sa.Column("new_flavor", sa.Text, nullable=True),
+    # the source host still counts the old flavor (until confirm or revert)
+    sa.Column("source_held", sa.Boolean, nullable=False, default=False),
+    # evacuation: the source host came back and destroyed its stale copy
+    sa.Column("source_cleaned", sa.Boolean, nullable=False, default=False),
     *_timestamps(),
 )
 
@@ -146,5 +153,38 @@ resource_claims = sa.Table(
     sa.Column("vcpus", sa.Integer, nullable=False),
     sa.Column("disk_gb", sa.Integer, nullable=False),
     sa.UniqueConstraint("migration_uuid", "host", name="uniq_resource_claims0migration0host"),
+    *_timestamps(),
+)
+
+flavors = sa.Table(
+    "flavors", METADATA,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(255), nullable=False, unique=True),
+    sa.Column("memory_mb", sa.Integer, nullable=False),
+    sa.Column("vcpus", sa.Integer, nullable=False),
+    sa.Column("disk_gb", sa.Integer, nullable=False),
+    *_timestamps(),
+)
+
+#: per-project hard limits; a missing row means unlimited
+quota_limits = sa.Table(
+    "quota_limits", METADATA,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("project_id", sa.String(255), nullable=False),
+    sa.Column("resource", sa.String(32), nullable=False),
+    sa.Column("hard_limit", sa.Integer, nullable=False),
+    sa.UniqueConstraint("project_id", "resource", name="uniq_quota_limits0project0resource"),
+    *_timestamps(),
+)
+
+#: usage a resize holds beyond the instance's own flavor (the growth while
+#: it moves; the old flavor's excess while it waits for confirm or revert)
+quota_reservations = sa.Table(
+    "quota_reservations", METADATA,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("migration_uuid", sa.String(36), nullable=False, unique=True),
+    sa.Column("project_id", sa.String(255), nullable=False, index=True),
+    sa.Column("cores", sa.Integer, nullable=False),
+    sa.Column("ram_mb", sa.Integer, nullable=False),
     *_timestamps(),
 )

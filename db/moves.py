@@ -18,9 +18,14 @@ class MigrationRecords:
     def start_migration(self, instance_uuid, *, migration_type, task_state, source_host,
                         requested_dest=None, block_migration=None, status="queued",
                         dest_host=None, memory_total_mb=0, disk_total_gb=0,
-                        scheduler_notes=None):
+                        scheduler_notes=None, old_flavor=None, new_flavor=None,
+                        quota=None):
         """Claim the instance (task_state None → ``task_state``) and record a
         migration, in one transaction.  The loser of a race gets InstanceBusy.
+
+        ``quota``: {project_id, cores, ram_mb} the move needs beyond the
+        instance's flavor; reserved in the same transaction (QuotaExceeded
+        when the project's limits do not allow it).
         """
         now = _now()
         migration_uuid = str(uuidlib.uuid4())
@@ -39,6 +44,8 @@ class MigrationRecords:
                         f"{row.task_state!r}; wait for that operation to end")
                 raise exc.InstanceInvalidState(
                     f"instance {instance_uuid} is on host {row.host!r}, not {source_host!r}")
+            if quota:
+                self._reserve_quota(conn, migration_uuid, **quota)
             conn.execute(m.migrations.insert().values(
                 uuid=migration_uuid, instance_uuid=instance_uuid,
                 migration_type=migration_type, status=status, source_host=source_host,
@@ -49,6 +56,9 @@ class MigrationRecords:
                 dirty_rate_mbps=0.0, iteration=0, post_copy=False,
                 scheduler_notes=json.dumps(scheduler_notes or {}),
                 abort_requested=False, force_complete_requested=False,
+                old_flavor=json.dumps(old_flavor) if old_flavor else None,
+                new_flavor=json.dumps(new_flavor) if new_flavor else None,
+                source_held=False, source_cleaned=False,
                 created_at=now, updated_at=now))
         return self.get_migration(migration_uuid)
 
@@ -57,21 +67,22 @@ class MigrationRecords:
             m.migrations.select().where(m.migrations.c.uuid == migration_uuid)))
         if mig is None:
             raise exc.MigrationNotFound(migration_uuid)
-        mig["scheduler_notes"] = json.loads(mig["scheduler_notes"] or "{}")
-        return mig
+        return _decode(mig)
 
-    def list_migrations(self, instance_uuid=None, status=None, statuses=None):
+    def list_migrations(self, instance_uuid=None, status=None, statuses=None,
+                        migration_type=None, source_host=None):
         query = m.migrations.select().order_by(m.migrations.c.created_at, m.migrations.c.id)
+        if migration_type is not None:
+            query = query.where(m.migrations.c.migration_type == migration_type)
+        if source_host is not None:
+            query = query.where(m.migrations.c.source_host == source_host)
         if instance_uuid is not None:
             query = query.where(m.migrations.c.instance_uuid == instance_uuid)
         if status is not None:
             query = query.where(m.migrations.c.status == status)
         if statuses is not None:
             query = query.where(m.migrations.c.status.in_(list(statuses)))
-        rows = self._fetch_all(query)
-        for mig in rows:
-            mig["scheduler_notes"] = json.loads(mig["scheduler_notes"] or "{}")
-        return rows
+        return [_decode(mig) for mig in self._fetch_all(query)]
 
     @_retry
     def update_migration(self, migration_uuid, expected_statuses=None, **values):
@@ -198,3 +209,10 @@ class MigrationRecords:
             local_disk = 0 if inst.volume_backed else inst.disk_gb
             self._release(conn, source, inst.memory_mb, inst.vcpus, local_disk)
         return True
+
+
+def _decode(mig):
+    mig["scheduler_notes"] = json.loads(mig["scheduler_notes"] or "{}")
+    for key in ("old_flavor", "new_flavor"):
+        mig[key] = json.loads(mig[key]) if mig[key] else None
+    return mig

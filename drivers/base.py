@@ -28,6 +28,16 @@ source copy kept until the move is confirmed or reverted):
 * finish_migration (destination) / cleanup_migration_destination
 * confirm_migration (source) / finish_revert_migration (both)
 
+A resize to the same host (allow_resize_to_same_host) passes the same host
+as source and destination: the old disk is kept beside the resized one
+until confirm (dropped) or revert (restored).
+
+Evacuation (the source host is down):
+
+* instance_on_disk (is the instance's disk on the destination's storage?)
+* rebuild (destination) / destroy (destination)
+* destroy on the source once it is back, for evacuated instances only
+
 A *flavor* is {"name", "memory_mb", "vcpus", "disk_gb"}.
 """
 import abc
@@ -214,11 +224,13 @@ class ComputeDriver(abc.ABC):
         Returns the guest's power state."""
 
     @abc.abstractmethod
-    def confirm_migration(self, source, instance, shared_storage):
+    def confirm_migration(self, source, instance, shared_storage, dest=None):
         """On the source after a finished cold migration: destroy and
         undefine the old guest, release what it still holds there and remove
         its disk unless ``shared_storage``.  Refuses (DriverError) while the
-        source guest runs: it would be the copy a revert brought back."""
+        source guest runs: it would be the copy a revert brought back.  With
+        ``dest`` equal to ``source`` (same-host resize) only the kept old
+        disk is dropped: the guest is the resized one."""
 
     @abc.abstractmethod
     def finish_revert_migration(self, dest, source, instance, old_flavor, network_info,
@@ -239,3 +251,20 @@ class ComputeDriver(abc.ABC):
         definition, VIFs, volume connections, the disk copy unless
         ``shared_storage``).  Touches nothing when no other host still
         defines the guest: the destination copy is then the only one."""
+
+    # -- evacuation ------------------------------------------------------------------
+    @abc.abstractmethod
+    def instance_on_disk(self, host, instance):
+        """Return True when the instance's disk is on the storage of
+        ``host`` (shared storage with the dead source): an evacuation then
+        reuses it instead of rebuilding from the image."""
+
+    @abc.abstractmethod
+    def rebuild(self, host, instance, image_ref, network_info, block_device_info,
+                on_shared_storage, power_on):
+        """Recreate the guest of an evacuated instance on ``host``: reuse its
+        disk when ``on_shared_storage``, else create a fresh disk from
+        ``image_ref``; connect the volumes, plug the VIFs, start it when
+        ``power_on``.  Idempotent: a re-run finds the guest defined.
+        Returns the guest's power state."""
+

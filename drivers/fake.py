@@ -14,7 +14,7 @@ import time
 
 from migrateflow import exceptions
 from migrateflow.drivers import base
-from migrateflow.drivers import fake_cold
+from migrateflow.drivers import fake_cold, fake_evac
 from migrateflow.drivers import fake_jobs as jobs
 from migrateflow.drivers import fake_model as model
 
@@ -44,7 +44,7 @@ def _check_cpu(host, source_cpu):
             f"source CPU {source_cpu.get('cpu_model')}")
 
 
-class FakeDriver(fake_cold.ColdMigration, base.ComputeDriver):
+class FakeDriver(fake_cold.ColdMigration, fake_evac.Evacuation, base.ComputeDriver):
     """Model hypervisors in a SQLite file; see the module docstring."""
 
     def __init__(self, state_file, time_scale=0.0):

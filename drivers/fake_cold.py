@@ -55,18 +55,11 @@ class ColdMigration:
         uuid, path = instance["uuid"], model.instance_dir(instance["uuid"])
         new_disk = flavor.get("disk_gb") or 0
         if source == dest:
-            raise exceptions.DriverError(f"cannot migrate {uuid} from {source} to itself")
+            return self._resize_in_place(source, instance, flavor)
         with self._tx() as db:
             model.get_host(db, source)
             dest_row = model.get_host(db, dest)
-            guest = model.get_guest(db, source, uuid)
-            if guest is None:
-                raise exceptions.DriverError(f"no guest {uuid} on {source}")
-            current = guest["disk_gb"] or 0
-            if not instance.get("volume_backed") and new_disk < current:
-                raise exceptions.MigrationPreCheckError(
-                    f"cannot resize instance {uuid} to flavor {flavor.get('name')!r}: "
-                    f"disks cannot shrink ({new_disk} GB < current {current} GB)")
+            _resizable_guest(db, source, instance, flavor)
             where = model.storage_of(dest_row)
             copy_missing = not shared_storage and model.file_row(db, where, path) is None
             free = model.host_info(db, dest_row)["disk_free_gb"]
@@ -82,6 +75,28 @@ class ColdMigration:
                 model.record_change(db, "migrate_disk_and_power_off", source, uuid)
         return {"disk_info": [{"path": path, "disk_gb": new_disk,
                                "copied": not shared_storage}]}
+
+    def _resize_in_place(self, host, instance, flavor):
+        """Same-host resize: the old disk is kept as a backup beside the
+        resized one until confirm (dropped) or revert (restored)."""
+        uuid, path = instance["uuid"], model.instance_dir(instance["uuid"])
+        new_disk = flavor.get("disk_gb") or 0
+        with self._tx() as db:
+            row = model.get_host(db, host)
+            current = _resizable_guest(db, host, instance, flavor)["disk_gb"] or 0
+            where = model.storage_of(row)
+            changed = model.set_guest(db, host, uuid, state=SHUTDOWN)
+            if model.file_row(db, where, _backup_path(uuid)) is None:
+                old = model.file_row(db, where, path)
+                model.ensure_file(db, where, _backup_path(uuid), uuid,
+                                  old["disk_gb"] if old else current)
+                db.execute("UPDATE files SET disk_gb = ? WHERE location = ? AND path = ?",
+                           (new_disk, where, path))
+                changed = True
+            changed |= model.release_host_resources(db, host, uuid)
+            if changed:
+                model.record_change(db, "migrate_disk_and_power_off", host, uuid)
+        return {"disk_info": [{"path": path, "disk_gb": new_disk, "copied": False}]}
 
     @_hooked
     def finish_migration(self, dest, instance, flavor, network_info, block_device_info,
@@ -109,10 +124,16 @@ class ColdMigration:
         return state
 
     @_hooked
-    def confirm_migration(self, source, instance, shared_storage):
+    def confirm_migration(self, source, instance, shared_storage, dest=None):
         uuid = instance["uuid"]
         with self._tx() as db:
             row = model.get_host(db, source)
+            if dest == source:
+                # a same-host resize: the guest is the resized one, keep it
+                if model.delete(db, "files", "location = ? AND path = ?",
+                                (model.storage_of(row), _backup_path(uuid))):
+                    model.record_change(db, "confirm_migration", source, uuid)
+                return
             guest = model.get_guest(db, source, uuid)
             if guest is not None and guest["state"] == RUNNING:
                 raise exceptions.DriverError(
@@ -125,16 +146,17 @@ class ColdMigration:
                                 block_device_info, power_on):
         uuid = instance["uuid"]
         state = RUNNING if power_on else SHUTDOWN
-        if source == dest:
-            raise exceptions.DriverError(f"cannot revert {uuid} from {dest} to itself")
         with self._tx() as db:
             dest_row = model.get_host(db, dest)
             model.get_host(db, source)
             if model.get_guest(db, source, uuid) is None:
                 raise exceptions.DriverError(
                     f"no guest {uuid} left on {source} to revert to (confirmed?)")
-            # the source guest is defined, so its storage keeps a shared disk
-            changed = model.clear_guest(db, dest_row, uuid, drop_disk=True)
+            if source == dest:
+                changed = _restore_backup(db, dest_row, uuid)
+            else:
+                # the source guest is defined, so its storage keeps a shared disk
+                changed = model.clear_guest(db, dest_row, uuid, drop_disk=True)
             changed |= model.set_guest(db, source, uuid, state=state,
                                        **model.flavor_columns(old_flavor))
             changed |= model.attach_guest(db, source, uuid, block_device_info, network_info)
@@ -153,3 +175,34 @@ class ColdMigration:
                 return
             if model.clear_guest(db, row, uuid, drop_disk=not shared_storage):
                 model.record_change(db, "cleanup_migration_destination", dest, uuid)
+
+
+def _resizable_guest(db, host, instance, flavor):
+    """The guest to resize on ``host``; refuses a flavor whose disk is
+    smaller than the guest's (disks cannot shrink; volume-backed guests
+    have no local disk to shrink)."""
+    uuid = instance["uuid"]
+    guest = model.get_guest(db, host, uuid)
+    if guest is None:
+        raise exceptions.DriverError(f"no guest {uuid} on {host}")
+    current, new_disk = guest["disk_gb"] or 0, flavor.get("disk_gb") or 0
+    if not instance.get("volume_backed") and new_disk < current:
+        raise exceptions.MigrationPreCheckError(
+            f"cannot resize instance {uuid} to flavor {flavor.get('name')!r}: "
+            f"disks cannot shrink ({new_disk} GB < current {current} GB)")
+    return guest
+
+
+def _backup_path(uuid):
+    return model.instance_dir(uuid) + "_resize"
+
+
+def _restore_backup(db, host_row, uuid):
+    """Same-host revert: the kept old disk replaces the resized one."""
+    where = model.storage_of(host_row)
+    backup = model.file_row(db, where, _backup_path(uuid))
+    if backup is None:
+        return False
+    db.execute("UPDATE files SET disk_gb = ? WHERE location = ? AND path = ?",
+               (backup["disk_gb"], where, model.instance_dir(uuid)))
+    return model.delete(db, "files", "location = ? AND path = ?", (where, _backup_path(uuid)))

@@ -479,3 +479,91 @@ class TestColdMigrationContract:
             driver.finish_revert_migration("dst", "src", instance, OLD_FLAVOR, NET, BDI,
                                            True)
         assert snapshot(harness) == after_confirm
+
+
+class TestSameHostResizeContract:
+    """allow_resize_to_same_host: source and destination are one host."""
+
+    @pytest.fixture
+    def guest(self, harness):
+        harness.make_host("src")
+        harness.make_host("dst")
+        instance = make_instance()
+        harness.make_guest("src", instance)
+        return instance
+
+    def _resize(self, driver, instance):
+        driver.migrate_disk_and_power_off("src", instance, "src", NEW_FLAVOR, NET, BDI,
+                                          False)
+        return driver.finish_migration("src", instance, NEW_FLAVOR, NET, BDI, True)
+
+    def test_resize_then_confirm_keeps_the_resized_guest(self, harness, driver, guest):
+        uuid = guest["uuid"]
+        assert self._resize(driver, guest) == "running"
+        assert harness.guest_flavor("src", uuid) == flavor_of(NEW_FLAVOR)
+        assert harness.disk_gb("src", disk_path(guest)) == 40
+        for _ in range(2):
+            driver.confirm_migration("src", guest, False, dest="src")
+        assert driver.get_guest("src", uuid)["state"] == "running"
+        assert harness.guest_flavor("src", uuid) == flavor_of(NEW_FLAVOR)
+        assert [f["path"] for f in driver.files("src")] == [disk_path(guest)]
+        assert harness.host_state("dst")["guests"] == []
+
+    def test_resize_then_revert_restores_the_old_disk_and_flavor(self, harness, driver,
+                                                                  guest):
+        before = snapshot(harness)
+        self._resize(driver, guest)
+        for _ in range(2):
+            assert driver.finish_revert_migration("src", "src", guest, OLD_FLAVOR, NET, BDI,
+                                                  True) == "running"
+        assert snapshot(harness) == before
+
+    def test_each_step_twice_is_once(self, harness, driver, guest):
+        first = driver.migrate_disk_and_power_off("src", guest, "src", NEW_FLAVOR, NET, BDI,
+                                                  False)
+        once = snapshot(harness)
+        assert driver.migrate_disk_and_power_off("src", guest, "src", NEW_FLAVOR, NET, BDI,
+                                                 False) == first
+        assert snapshot(harness) == once
+
+
+class TestEvacuationContract:
+    """The source is down; the guest is rebuilt on the destination."""
+
+    def test_instance_on_disk_follows_the_storage(self, harness, driver, cloud):
+        instance = cloud["instance"]
+        assert driver.instance_on_disk("dst", instance) is cloud["shared"]
+        assert driver.instance_on_disk("src", instance) is True
+
+    @pytest.mark.parametrize("power_on, state", [(True, "running"), (False, "shutdown")])
+    def test_rebuild_on_the_destination(self, harness, driver, cloud, power_on, state):
+        instance, uuid, shared = cloud["instance"], cloud["instance"]["uuid"], cloud["shared"]
+        for _ in range(2):
+            assert driver.rebuild("dst", instance, "image-1", NET, BDI, shared,
+                                  power_on) == state
+        assert driver.get_guest("dst", uuid) == {"uuid": uuid, "name": instance["name"],
+                                                 "state": state, "persistent": True}
+        dst = harness.host_state("dst")
+        assert [v["port_id"] for v in dst["vifs"]] == [NET[0]["port_id"]]
+        assert [v["volume_id"] for v in dst["volumes"]] == [BDI[0]["volume_id"]]
+        assert harness.path_exists("dst", disk_path(instance))
+
+    def test_rebuild_on_shared_storage_needs_the_disk_there(self, harness, driver):
+        harness.make_host("src")
+        harness.make_host("dst")
+        instance = make_instance()
+        harness.make_guest("src", instance)
+        with pytest.raises(exceptions.DriverError, match="not on shared storage"):
+            driver.rebuild("dst", instance, "image-1", NET, BDI, True, True)
+        assert driver.get_guest("dst", instance["uuid"]) is None
+
+    def test_destroy_undoes_a_rebuild(self, harness, driver, cloud):
+        instance, shared = cloud["instance"], cloud["shared"]
+        before = harness.host_state("dst")
+        driver.rebuild("dst", instance, "image-1", NET, BDI, shared, True)
+        driver.destroy("dst", instance, destroy_disks=not shared)
+        after = harness.host_state("dst")
+        if shared:  # the shared disk is the source's too: kept
+            assert after == before
+        else:
+            assert after == {"vifs": [], "volumes": [], "files": [], "guests": []}

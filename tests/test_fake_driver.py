@@ -518,12 +518,6 @@ def test_volume_backed_instance_may_get_a_smaller_local_disk(driver):
     assert driver.get_guest("src", "vb-1")["state"] == "shutdown"
 
 
-def test_resize_to_the_same_host_is_refused(driver, inst):
-    with pytest.raises(exceptions.DriverError, match="to itself"):
-        driver.migrate_disk_and_power_off("src", inst, "src", BIG, NET, BDI, False)
-    assert placement(driver, inst["uuid"]) == {"src": "running"}
-
-
 @pytest.mark.parametrize("when, committed", [("before", False), ("after", True)])
 def test_kill_in_migrate_disk_and_a_rerun(state_file, driver, inst, when, committed):
     driver.inject_fault("migrate_disk_and_power_off", action="kill", when=when)
