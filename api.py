@@ -14,12 +14,13 @@ from taskflow import exceptions as tf_exc
 
 from migrateflow import engine
 from migrateflow import exceptions as exc
-from migrateflow import scheduler
+from migrateflow import evacuation_api
+from migrateflow import resize_api, scheduler
 from migrateflow.conf import CONF
 from migrateflow.db import api as db_api
 from migrateflow.flows import live_migration
 from migrateflow.keys import StoreKey
-from migrateflow.states import LIVE_TERMINAL, MigrationType, TaskState
+from migrateflow.states import FLOW_ENDED, MigrationType, MoveStatus, TaskState
 from migrateflow.states import LiveMigrationStatus as Status
 
 LOG = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ LOG = logging.getLogger(__name__)
 _ABORTABLE = (Status.QUEUED, Status.PREPARING, Status.RUNNING)
 
 
-class MigrationAPI:
+class MigrationAPI(resize_api.ResizeOps, evacuation_api.EvacuationOps):
     """Operations on instances and migrations of one state database."""
 
     def __init__(self, conf=CONF, listeners=()):
@@ -54,16 +55,25 @@ class MigrationAPI:
         before it exits).
         """
         mig, store = self._accept_live_migration(instance_id, host, block_migration)
+        return self._launch(live_migration.build, store, mig, wait)
+
+    def _launch(self, factory, store, mig, wait, on_refused=None):
+        """Run the accepted ``mig``'s flow: post it to the jobboard, or run it
+        in this process (in a thread unless ``wait``).  Returns the record:
+        the final one with ``wait``, else the current one.
+
+        ``on_refused(error)``: undo the acceptance when the jobboard refuses
+        the job (default: the migration fails, the instance is released)."""
         if self.conf.jobboard.enabled:
-            self._post(live_migration.build, store, mig)
+            self._post(factory, store, mig, on_refused)
             return self.wait(mig["uuid"]) if wait else self.db.get_migration(mig["uuid"])
         if not wait:
-            thread = threading.Thread(target=self._run_quietly, name=f"lm-{mig['uuid']}",
-                                      args=(live_migration.build, store, mig["uuid"]))
+            thread = threading.Thread(target=self._run_quietly, name=f"mf-{mig['uuid']}",
+                                      args=(factory, store, mig["uuid"]))
             self._threads[mig["uuid"]] = thread
             thread.start()
-            return mig
-        self._run_quietly(live_migration.build, store, mig["uuid"])
+            return self.db.get_migration(mig["uuid"])
+        self._run_quietly(factory, store, mig["uuid"])
         return self.db.get_migration(mig["uuid"])
 
     def _accept_live_migration(self, instance_id, host, block_migration):
@@ -71,9 +81,7 @@ class MigrationAPI:
         if host is not None:
             scheduler.validate_host_name(host)
         inst = db.get_instance(instance_id)
-        if inst["task_state"] is not None:
-            raise exc.InstanceBusy(
-                f"instance {instance_id} is busy: task_state is {inst['task_state']!r}")
+        scheduler.check_idle(inst)
         scheduler.check_live_migratable(inst)
         source = db.get_host(inst["host"])
         scheduler.check_host_usable(source, "source")
@@ -119,15 +127,19 @@ class MigrationAPI:
         # None closes the list: the flow reports NoValidHost with the reasons
         return names + [None], refused
 
-    def _post(self, factory, store, mig):
+    def _post(self, factory, store, mig, on_refused=None):
         try:
             engine.post(factory, store, mig["uuid"])
         except Exception as err:
             # nothing ran: release the instance, say why
-            self.db.finish_migration(
-                mig["uuid"], mig["instance_uuid"], Status.FAILED,
-                expected_statuses=[Status.QUEUED],
-                error=f"could not post the job: {type(err).__name__}: {err}")
+            reason = f"could not post the job: {type(err).__name__}: {err}"
+            if on_refused is not None:
+                on_refused(reason)
+            else:
+                self.db.finish_migration(
+                    mig["uuid"], mig["instance_uuid"], MoveStatus.FAILED
+                    if mig["migration_type"] == MigrationType.EVACUATION else Status.FAILED,
+                    expected_statuses=[mig["status"]], error=reason)
             raise exc.MigrateflowError(
                 f"migration {mig['uuid']} not started: the jobboard refused the job "
                 f"({type(err).__name__}: {err})") from err
@@ -169,7 +181,7 @@ class MigrationAPI:
         this process, or (jobboard mode) by posting its job again when the
         board lost it.  Returns the record once the migration ended."""
         mig = self.db.get_migration(migration_id)
-        if mig["status"] in LIVE_TERMINAL:
+        if mig["status"] in FLOW_ENDED:
             return mig
         if self.conf.jobboard.enabled:
             board_jobs = {job.uuid for job in engine.get_board().iterjobs(ensure_fresh=True)}
@@ -195,11 +207,31 @@ class MigrationAPI:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             mig = self.db.get_migration(migration_id)
-            if mig["status"] in LIVE_TERMINAL:
+            if mig["status"] in FLOW_ENDED:
                 return mig
             if deadline is not None and time.monotonic() >= deadline:
                 return mig
             time.sleep(poll)
+
+    # -- hosts ------------------------------------------------------------------
+    def set_host_state(self, host, **values):
+        """Mark a host up/down, forced down (fenced) or (dis)abled for
+        scheduling: ``up``, ``forced_down``, ``disabled``, ``disabled_reason``."""
+        scheduler.validate_host_name(host)
+        unknown = set(values) - {"up", "forced_down", "disabled", "disabled_reason"}
+        if unknown:
+            raise exc.InvalidRequest(f"unknown host fields: {', '.join(sorted(unknown))}")
+        self.db.get_host(host)
+        self.db.update_host(host, **values)
+        LOG.info("host state changed host=%s %s", host,
+                 " ".join(f"{k}={v}" for k, v in sorted(values.items())))
+        return self.db.get_host(host)
+
+    def drain_host(self, host, **kwargs):
+        """Disable ``host`` and live-migrate every instance off it (see
+        ``hostops.drain_host``)."""
+        from migrateflow import hostops  # hostops drives this API
+        return hostops.drain_host(self, host, **kwargs)
 
     # -- queries --------------------------------------------------------------
     def flow_steps(self, migration_id):
@@ -208,9 +240,8 @@ class MigrationAPI:
         mig = self.db.get_migration(migration_id)
         if not mig["flow_uuid"]:
             return []
-        factory = {MigrationType.LIVE: live_migration.build}.get(mig["migration_type"])
         try:
-            return engine.flow_atoms(mig["flow_uuid"], factory)
+            return engine.flow_atoms(mig["flow_uuid"])
         except tf_exc.NotFound:
             return []
 

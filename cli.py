@@ -23,10 +23,10 @@ from rich.console import Console
 from rich.table import Table
 
 from migrateflow import api as api_mod
-from migrateflow import graph, scheduler, service, sweeper
+from migrateflow import cli_moves, graph, scheduler, service, sweeper
 from migrateflow import exceptions as exc
 from migrateflow.conf import CONF
-from migrateflow.states import LIVE_TERMINAL
+from migrateflow.states import LIVE_TERMINAL, MoveStatus
 from migrateflow.states import LiveMigrationStatus as Status
 
 LOG = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ def cmd_migration_resume(args, console, api):
     mig = api.resume(args.migration)
     print(f"migration {mig['uuid']} {mig['status']}"
           + (f": {mig['error']}" if mig["error"] else ""))
-    return 0 if mig["status"] == Status.COMPLETED else 1
+    return 0 if mig["status"] in cli_moves.SUCCESS | {Status.COMPLETED} else 1
 
 
 def cmd_conductor(args, console, api):
@@ -320,7 +320,8 @@ def build_parser():
                        const=False, help="shared storage or volume-backed only")
     cmd = add("migration-list", cmd_migration_list, "list migrations")
     cmd.add_argument("--instance")
-    cmd.add_argument("--status", choices=[s.value for s in Status])
+    cmd.add_argument("--status", choices=[s.value for s in Status]
+                     + [s.value for s in MoveStatus if s.value not in set(Status)])
     cmd.add_argument("--stuck", action="store_true",
                      help="only migrations nobody is moving (expected: none)")
     add("migration-resume", cmd_migration_resume,
@@ -335,6 +336,7 @@ def build_parser():
     add("migration-force-complete", cmd_operator_action, "finish a running migration now", "ID")
     add("host-list", cmd_host_list, "list compute hosts")
     add("instance-list", cmd_instance_list, "list instances").add_argument("--host")
+    cli_moves.register(add)
     cmd = add("graph", cmd_graph, "print PlantUML of an operation's flow")
     cmd.add_argument("operation", choices=sorted(graph.OPERATIONS))
     cmd.add_argument("--kind", choices=graph.KINDS, default="activity")

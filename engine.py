@@ -27,7 +27,8 @@ from taskflow.utils import persistence_utils as p_utils
 from migrateflow import graph, lifecycle, persistence
 from migrateflow.conf import CONF
 from migrateflow.db import api as db_api
-from migrateflow.states import LIVE_TERMINAL, VmState
+from migrateflow.states import (FLOW_ENDED, LIVE_TERMINAL, TRANSITIONAL,
+                                MigrationType, MoveStatus, VmState)
 from migrateflow.states import LiveMigrationStatus as Status
 
 LOG = logging.getLogger(__name__)
@@ -196,7 +197,10 @@ def settle(migration_id, reason, status=Status.ERROR):
     """
     db = db_api.get_db()
     mig = db.get_migration(migration_id)
-    if mig["status"] in LIVE_TERMINAL:
+    if mig["status"] in FLOW_ENDED:
+        return
+    if mig["migration_type"] != MigrationType.LIVE:
+        _settle_move(db, mig, reason)
         return
     where = _guest_location(mig)
     instance_values = {}
@@ -210,6 +214,18 @@ def settle(migration_id, reason, status=Status.ERROR):
                         expected_statuses=[s for s in Status if s not in LIVE_TERMINAL],
                         instance_values=instance_values, error=reason)
     LOG.error("migration=%s left in error (guest on %s): %s", migration_id, where, reason)
+
+
+def _settle_move(db, mig, reason):
+    """A resize, cold migration or evacuation whose flow ended without its
+    own bookkeeping (a revert stopped the rollback): the migration is
+    ``error``, the instance ERROR for the operator to look at, the quota
+    reservation released; claims stay as evidence of where resources are."""
+    db.abandon_resize(mig["uuid"], mig["instance_uuid"], MoveStatus.ERROR,
+                      expected_statuses=TRANSITIONAL, error=reason,
+                      instance_values={"vm_state": VmState.ERROR})
+    LOG.error("migration=%s type=%s left in error: %s", mig["uuid"],
+              mig["migration_type"], reason)
 
 
 def _guest_location(mig):
@@ -236,6 +252,8 @@ def flow_atoms(flow_uuid, factory=None):
     the order the flow built by ``factory`` runs them (else as persisted)."""
     with contextlib.closing(get_backend().get_connection()) as conn:
         detail = conn.get_flow_details(flow_uuid)
+    if factory is None and detail.name in graph.OPERATIONS:
+        factory = graph.OPERATIONS[detail.name].factory
     atoms = [{"name": ad.name,
               "kind": "retry" if isinstance(ad, tf_models.RetryDetail) else "task",
               "state": ad.state,

@@ -16,8 +16,9 @@ from typing import Callable
 from taskflow.flow import Flow
 from taskflow.patterns import unordered_flow
 
-from migrateflow.flows import live_migration
-from migrateflow.tasks import live_checks, live_migrate, live_post, live_prepare
+from migrateflow.flows import confirm_resize, live_migration, resize, revert_resize
+from migrateflow.flows import evacuation
+from migrateflow.tasks import live_checks, live_migrate, live_post, live_prepare, resize_confirm
 
 KINDS = ("activity", "sequence")
 
@@ -91,6 +92,12 @@ def get_operation(name):
 
 register(Operation(live_migration.NAME, live_migration.build,
                    point_of_no_return=live_migrate.LiveMigrate.NAME))
+register(Operation(resize.NAME, resize.build))
+register(Operation(confirm_resize.NAME, confirm_resize.build,
+                   point_of_no_return=resize_confirm.ConfirmMigrationAtSource.NAME))
+register(Operation(revert_resize.NAME, revert_resize.build,
+                   point_of_no_return=resize_confirm.FinishRevertMigration.NAME))
+register(Operation(evacuation.NAME, evacuation.build))
 
 
 # -- the flow as a tree -------------------------------------------------------------

@@ -28,6 +28,13 @@ def version_str(version):
     return ".".join(str(version // 1000 ** k % 1000) for k in (2, 1, 0))
 
 
+def check_idle(instance):
+    """No other operation holds the instance (its task_state is None)."""
+    if instance["task_state"] is not None:
+        raise exc.InstanceBusy(
+            f"instance {instance['uuid']} is busy: task_state is {instance['task_state']!r}")
+
+
 def check_live_migratable(instance):
     """Only an active, running instance can be live-migrated."""
     if (instance["vm_state"] != VmState.ACTIVE

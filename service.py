@@ -1,5 +1,6 @@
 """The conductor process: claims migration jobs from the ZooKeeper
-jobboard and runs them, sweeps stuck migrations, stops cleanly on SIGTERM.
+jobboard and runs them, sweeps stuck migrations, confirms resizes older
+than ``resize_confirm_window`` (when above 0), stops cleanly on SIGTERM.
 
 A stopped conductor suspends its running flows at the next step boundary
 and abandons their jobs, so another conductor resumes them; a killed one
@@ -9,7 +10,7 @@ import logging
 import signal
 import threading
 
-from migrateflow import engine, lifecycle, sweeper
+from migrateflow import api, engine, lifecycle, sweeper
 from migrateflow.conf import CONF
 
 LOG = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ def run_conductor(conf=CONF, stop_event=None, sweep=True):
     if sweep:
         threading.Thread(target=_sweep_loop, args=(conf, stop_event), name="sweeper",
                          daemon=True).start()
+    threading.Thread(target=_auto_confirm_loop, args=(conf, stop_event),
+                     name="auto-confirm", daemon=True).start()
     LOG.info("conductor=%s workers=%s board=%s started", name,
              conf.jobboard.conductor_workers, ",".join(conf.jobboard.hosts))
     lifecycle.STOPPING.clear()
@@ -65,6 +68,23 @@ def _sweep_loop(conf, stop_event):
             sweeper.sweep(conf)
         except Exception:  # noqa: BLE001 - the next round tries again
             LOG.exception("sweep failed")
+
+
+def auto_confirm_interval(conf):
+    """How often finished resizes are checked against resize_confirm_window
+    (Nova polls every 60 s; a short window is checked more often)."""
+    window = conf.resize_confirm_window
+    return 60.0 if window <= 0 else max(1.0, min(60.0, window / 2.0))
+
+
+def _auto_confirm_loop(conf, stop_event):
+    while not stop_event.wait(auto_confirm_interval(conf)):
+        if conf.resize_confirm_window <= 0:
+            continue
+        try:
+            api.MigrationAPI(conf).confirm_expired_resizes()
+        except Exception:  # noqa: BLE001 - the next round tries again
+            LOG.exception("auto-confirm failed")
 
 
 def _log_event(what):

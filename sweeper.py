@@ -26,11 +26,11 @@ from taskflow import states as tf_states
 from migrateflow import engine
 from migrateflow.conf import CONF
 from migrateflow.db import api as db_api
+from migrateflow.states import TRANSITIONAL
 from migrateflow.states import LiveMigrationStatus as Status
 
 LOG = logging.getLogger(__name__)
 
-TRANSITIONAL = (Status.QUEUED, Status.PREPARING, Status.RUNNING)
 _ENDED = (tf_states.SUCCESS, tf_states.REVERTED, tf_states.FAILURE)
 
 

@@ -20,9 +20,9 @@ A failure before the guest runs on the destination reverts the finished
 steps in reverse order: that is the rollback (Nova's
 _rollback_live_migration + rollback_live_migration_at_destination).
 """
-from taskflow import retry
 from taskflow.patterns import linear_flow
 
+from migrateflow.flows import common
 from migrateflow.keys import StoreKey
 from migrateflow.tasks import live_checks, live_migrate, live_post, live_prepare
 
@@ -36,32 +36,15 @@ REQUIRES = frozenset({
 })
 
 
-class ForEachCandidate(retry.ForEachBase):
-    """Try the next candidate host when a check on the current one fails."""
-
-    default_provides = StoreKey.CANDIDATE
-
-    def execute(self, history, candidates):
-        return self._get_next_value(candidates, history)
-
-    def on_failure(self, history, candidates, *args, **kwargs):
-        return self._on_failure(candidates, history)
-
-
 def _choose_destination():
-    subflow = linear_flow.Flow(
+    return common.choose_destination(
         CHOOSE_DESTINATION,
-        # revert_all: when no candidate is left the whole flow rolls back, not
-        # just this subflow
-        retry=ForEachCandidate(name=CHOOSE_DESTINATION + "-retry", revert_all=True))
-    subflow.add(
         live_checks.CheckCandidateHost(provides=StoreKey.DEST_HOST),
         live_checks.ClaimDestinationResources(),
         live_checks.CheckDestination(provides=StoreKey.DEST_CHECK_DATA),
         live_checks.CheckSource(provides=StoreKey.SOURCE_CHECK_DATA),
         live_checks.CleanupDestinationCheck(),
     )
-    return subflow
 
 
 def build():

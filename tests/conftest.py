@@ -10,8 +10,9 @@ from migrateflow import cloud, drivers, engine
 from migrateflow.conf import CONF
 from migrateflow.db import api as db_api
 
-#: a real ZooKeeper server for the jobboard and ZooKeeper persistence tests
-pytest_plugins = ["zk_fixtures"]
+#: a real ZooKeeper server for the jobboard and ZooKeeper persistence tests; the
+#: crash matrices' fork server of conductors
+pytest_plugins = ["zk_fixtures", "crash_harness"]
 
 
 @pytest.fixture(scope="session")
@@ -73,3 +74,15 @@ def small_cloud(db, driver):
     cloud.add_host(db, driver, "host-c")
     inst = cloud.add_instance(db, driver, "vm-1", "host-a", ports=2, volumes=1)
     return {"instance": inst}
+
+
+@pytest.fixture
+def run(capsys):
+    """Run the ``migrateflow`` command in-process: (exit status, stdout, stderr)."""
+    from migrateflow import cli
+
+    def call(*argv):
+        code = cli.main(list(argv))
+        out, err = capsys.readouterr()
+        return code, out, err
+    return call

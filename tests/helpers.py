@@ -121,3 +121,15 @@ session_timeout = {session_timeout or conf.jobboard.session_timeout}
 stuck_after = 3600
 """)
     return str(path)
+
+
+def fail_instead_of_execute(monkeypatch, task_cls, message="injected failure"):
+    """Make ``task_cls`` raise before doing anything (a step whose single
+    transaction could not commit)."""
+    real = task_cls.execute
+
+    @functools.wraps(real)
+    def execute(self, *args, **kwargs):
+        raise exc.InjectedFault(f"{message} in {self.NAME}")
+
+    monkeypatch.setattr(task_cls, "execute", execute)

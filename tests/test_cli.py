@@ -11,15 +11,6 @@ from migrateflow.flows import live_migration
 UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 
 
-@pytest.fixture
-def run(capsys):
-    def call(*argv):
-        code = cli.main(list(argv))
-        out, err = capsys.readouterr()
-        return code, out, err
-    return call
-
-
 def test_host_list(run, small_cloud):
     code, out, err = run("host-list")
     assert code == 0, err

@@ -79,3 +79,29 @@ def test_sigterm_mid_copy_hands_the_migration_to_another_conductor(
     assert all(n == 1 for n in effects.values()), effects
     assert "detached for another conductor" in (tmp_path / "first.log").read_text()
     assert os.path.exists(tmp_path / "second.log")
+
+
+def test_conductor_confirms_resizes_past_the_window(jobboard, small_cloud, db, driver,
+                                                    tmp_path):
+    """resize_confirm_window > 0: the conductor's periodic task confirms a
+    finished resize once the window passed, through a confirm job it runs."""
+    inst = small_cloud["instance"]
+    db.create_flavor("m4", memory_mb=4096, vcpus=4, disk_gb=40)
+    jobboard.set_override("enabled", False, group="jobboard")
+    mig = api.MigrationAPI().resize(inst["uuid"], "m4", host="host-c")
+    assert mig["status"] == "finished", mig["error"]
+    jobboard.set_override("enabled", True, group="jobboard")
+    config = conductor_config(jobboard, tmp_path / "mf.conf")
+    with open(config, "a") as f:
+        f.write("[DEFAULT]\nresize_confirm_window = 1\n")
+    proc = start_conductor(config, tmp_path / "c.log")
+    try:
+        wait_until(lambda: db.get_migration(mig["uuid"])["status"] == "confirmed",
+                   timeout=30, what="the auto-confirm")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert driver.guests("host-a") == []
+    got = db.get_instance(inst["uuid"])
+    assert (got["host"], got["vm_state"], got["flavor_name"]) == ("host-c", "active", "m4")
+    assert "auto-confirm migration=" in (tmp_path / "c.log").read_text()

@@ -53,7 +53,6 @@ import contextlib
 import dataclasses
 import os
 import signal
-import sqlite3
 import sys
 import time
 
@@ -61,9 +60,12 @@ import pytest
 from futurist import _thread as futurist_thread
 from taskflow import states as st
 
-from conductor_procs import Zygote
-from helpers import conductor_config
-from migrateflow import api as api_mod
+from crash_harness import FINISH_TIMEOUT, WORKER_IDLE, Env
+from crash_harness import board_jobs as _board_jobs
+from crash_harness import journal as _journal
+from crash_harness import persisted_state as _persisted_state
+from crash_harness import usage as _usage
+from crash_harness import wait_until as _wait_until
 from migrateflow import engine, graph
 from migrateflow.conf import CONF
 from migrateflow.flows import live_migration
@@ -74,13 +76,6 @@ SOURCE, DEST = "host-a", "host-c"
 HOSTS = ("host-a", "host-b", "host-c")
 STORAGE = {"host-a": "nfs-1", "host-b": "nfs-1", "host-c": "host-c"}
 INSTANCES_DIR = "/var/lib/migrateflow/instances"
-SESSION_TIMEOUT = 1.0  # conductors' ZooKeeper session: a dead one's claim lasts this long
-CONDUCTOR_POLL = 0.1  # conductors look for claimable jobs this often (TaskFlow: 0.5 s)
-#: futurist's worker threads wait this long for work before they notice a
-#: shutdown (futurist: 1 s; a conductor's stop and a board's close each wait
-#: for it once): a polling period, lowered so a case does not wait 2 s for B
-WORKER_IDLE = 0.05
-FINISH_TIMEOUT = 60.0
 
 #: every atom of the flow, in the order it runs (the retry controller included)
 ATOMS = graph.execution_order(graph.describe(live_migration.build()))
@@ -228,13 +223,6 @@ def _params():
         yield pytest.param(case, id=case.id, marks=marks)
 
 
-@pytest.fixture(scope="module")
-def zygote(tmp_path_factory):
-    zyg = Zygote(str(tmp_path_factory.mktemp("conductors")))
-    yield zyg
-    zyg.close()
-
-
 @pytest.fixture(scope="module", autouse=True)
 def matrix_report(request):
     """The matrix's size, printed when the module ends (also with -q)."""
@@ -254,45 +242,6 @@ def matrix_report(request):
 
 
 # -- one case's world -------------------------------------------------------------------
-class Env:
-    def __init__(self, tmp_path, zk_hosts, db, driver, zygote, instance):
-        self.tmp, self.db, self.driver, self.zygote = tmp_path, db, driver, zygote
-        self.uuid = instance["uuid"]
-        self.api = api_mod.MigrationAPI()
-        self.journal = str(tmp_path / "journal")
-        self.config = str(tmp_path / "migrateflow.conf")
-        self.conductors = []
-        conductor_config(CONF, tmp_path / "migrateflow.conf", hosts=zk_hosts,
-                         session_timeout=SESSION_TIMEOUT)
-
-    def start(self, label, kill_at=None, kill_on_job_status=None):
-        argv = ["--config-file", self.config, "--journal", self.journal, "--label", label,
-                "--wait-timeout", str(CONDUCTOR_POLL), "--worker-idle", str(WORKER_IDLE)]
-        if kill_at:
-            argv += ["--kill-at", kill_at]
-        if kill_on_job_status:
-            argv += ["--kill-on-job-status", kill_on_job_status]
-        cond = self.zygote.spawn(label, argv, str(self.tmp / f"conductor-{label}.log"))
-        self.conductors.append(cond)
-        return cond
-
-    def logs(self):
-        return "\n".join(f"--- conductor {c.label} (pid {c.pid}, exit {c.poll()}) "
-                         f"{c.log}:\n{c.log_tail()}" for c in self.conductors)
-
-    def fault_remaining(self, fault_id):
-        with contextlib.closing(sqlite3.connect(self.driver.state_file, timeout=30)) as conn:
-            row = conn.execute("SELECT remaining FROM faults WHERE id = ?",
-                               (fault_id,)).fetchone()
-        return row[0]
-
-    def stop_all(self):
-        for cond in self.conductors:
-            with contextlib.suppress(ProcessLookupError):
-                cond.signal(signal.SIGKILL)
-            cond.wait(10)
-
-
 @pytest.fixture
 def env(zk_conf, zk_hosts, small_cloud, db, driver, zygote, tmp_path, monkeypatch):
     CONF.set_override("enabled", True, group="jobboard")
@@ -302,31 +251,6 @@ def env(zk_conf, zk_hosts, small_cloud, db, driver, zygote, tmp_path, monkeypatc
     world.stop_all()
     engine.reset()  # closes this process's board while its workers poll fast
     CONF.clear_override("enabled", group="jobboard")
-
-
-def _wait_until(predicate, timeout, what, env, interval=0.01):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}\n{env.logs()}")
-        time.sleep(interval)
-
-
-def _persisted_state(flow_uuid, name):
-    with contextlib.closing(engine.get_backend().get_connection()) as conn:
-        detail = conn.get_flow_details(flow_uuid)
-    if name == "flow":
-        return detail.state
-    return {ad.name: ad.state for ad in detail}[name]
-
-
-def _board_jobs():
-    return list(engine.get_board().iterjobs(ensure_fresh=True))
-
-
-def _usage(db):
-    return {h["name"]: (h["memory_used_mb"], h["vcpus_used"], h["disk_used_gb"])
-            for h in db.list_hosts()}
 
 
 # -- the assertions ---------------------------------------------------------------------
@@ -371,15 +295,6 @@ def assert_end_state(env, mig_id, scenario, usage_before):
     assert _board_jobs() == []
     assert driver.side_effects(uuid) == EXPECTED_SIDE_EFFECTS[scenario], \
         "hypervisor side effects differ from a run without crash"
-
-
-def _journal(path):
-    events = []
-    with open(path) as f:
-        for line in f:
-            label, kind, name, state = line.split()
-            events.append((label, kind, name, state))
-    return events
 
 
 def assert_no_step_twice(env, scenario):

@@ -9,9 +9,9 @@ host-b shares storage with host-a (live migration), host-c does not (block
 migration).
 """
 import pytest
-from taskflow import flow as tf_flow
 from taskflow.types.failure import Failure
 
+import task_checks
 from helpers import snapshot
 from migrateflow import api
 from migrateflow import exceptions as exc
@@ -23,17 +23,9 @@ SOURCE, SHARED, LOCAL = "host-a", "host-b", "host-c"
 DESTS = pytest.mark.parametrize("dest", [SHARED, LOCAL])
 
 
-def _tasks_of(flow):
-    for node, _ in flow.iter_nodes():
-        if isinstance(node, tf_flow.Flow):
-            yield from _tasks_of(node)
-        else:
-            yield node
-
-
 def flow_tasks():
     """Fresh instances of the flow's tasks, in the order the flow runs them."""
-    return list(_tasks_of(live_migration.build()))
+    return list(task_checks.tasks_of(live_migration.build()))
 
 
 STEPS = [task.name for task in flow_tasks()]
@@ -154,36 +146,19 @@ def start_copy_then_fail(driver, uuid):
 @DESTS
 @pytest.mark.parametrize("step", STEPS)
 def test_execute_twice_leaves_the_state_of_once(step, dest, migration):
-    mig = migration(dest, upto=step)
-    task = fresh(step)
-    first = mig.execute(task)
-    once = mig.state()
-    assert mig.execute(task) == first
-    assert mig.state() == once
+    task_checks.execute_twice_is_once(migration(dest, upto=step), fresh(step))
 
 
 @DESTS
 @pytest.mark.parametrize("step", [s for s in STEPS if s != "live-migration"])
 def test_revert_twice_leaves_the_state_of_once(step, dest, migration):
-    mig = migration(dest, upto=step)
-    task = fresh(step)
-    result = mig.execute(task)
-    mig.revert(task, result)
-    once = mig.state()
-    mig.revert(task, result)
-    assert mig.state() == once
+    task_checks.revert_twice_is_once(migration(dest, upto=step), fresh(step))
 
 
 @DESTS
 @pytest.mark.parametrize("step", UNDOING_STEPS)
 def test_revert_restores_the_state_before_execute(step, dest, migration):
-    mig = migration(dest, upto=step)
-    task = fresh(step)
-    before = mig.state(side_effects=False)
-    result = mig.execute(task)
-    assert mig.state(side_effects=False) != before, "execute changed nothing"
-    mig.revert(task, result)
-    assert mig.state(side_effects=False) == before
+    task_checks.revert_undoes_execute(migration(dest, upto=step), fresh(step))
 
 
 # -- start-live-migration --------------------------------------------------------
