@@ -13,6 +13,11 @@ OPTS = [
     cfg.IntOpt("max_concurrent_live_migrations", default=1, min=0,
                help="Maximum number of live migrations to run at once per "
                     "source host; 0 means unlimited (as in Nova)."),
+    cfg.IntOpt("max_concurrent_migrations_global", default=0, min=0,
+               help="Maximum number of migrations a host drain runs at once "
+                    "in this process, across every drain running in it (on "
+                    "top of max_concurrent_live_migrations per source host); "
+                    "0 means unlimited."),
     cfg.IntOpt("migrate_max_retries", default=-1, min=-1,
                help="Alternate destinations to try after the first fails its "
                     "checks; -1 tries every candidate, 0 disables retries."),

@@ -5,6 +5,13 @@ same progress records, downtime steps, completion timeout, operator abort
 and force-complete.  A re-run after a crash looks at the hypervisors first:
 a job still running is watched again, a guest already on the destination
 is done; only when neither holds is a new job started.
+
+The copy may be gated: whoever limits how many copies run at once
+(``hostops.drain_host``) registers a gate for the instance before asking
+for its migration, and the step holds it from just before the copy starts
+until the job ended.  As with Nova's ``_live_migration_semaphore``, which
+leaves the conductor's checks outside, only the hypervisor work is gated:
+the steps before and after it run beside other migrations' copies.
 """
 import logging
 import math
@@ -18,6 +25,19 @@ from migrateflow.states import PowerState
 from migrateflow.tasks import base
 
 _ACTIVE = [Status.PREPARING, Status.RUNNING]
+#: seconds between two looks at an operator abort while waiting for a gate
+GATE_POLL_S = 0.25
+#: instance uuid -> gate: an object with acquire(timeout) -> bool, release()
+_copy_gates = {}
+
+
+def register_copy_gate(instance_uuid, gate):
+    """Gate the next copies of ``instance_uuid`` in this process."""
+    _copy_gates[instance_uuid] = gate
+
+
+def unregister_copy_gate(instance_uuid):
+    _copy_gates.pop(instance_uuid, None)
 
 
 class PointOfNoReturn(exc.MigrateflowError):
@@ -52,6 +72,24 @@ def guest_on_destination(driver, source, dest, instance_uuid):
             and (at_source is None or at_source["state"] != PowerState.RUNNING))
 
 
+class _Held:
+    """The copy gate this step holds, if any: given back once, as soon as
+    the copy ended."""
+
+    def __init__(self, gate):
+        self._gate, self._held = gate, False
+
+    def take(self, wait):
+        if self._gate is not None:
+            wait(self._gate)
+            self._held = True
+
+    def release(self):
+        if self._held:
+            self._held = False
+            self._gate.release()
+
+
 class LiveMigrate(base.MigrationTask):
     """live_migration: start (or re-attach to) the copy and watch it.
 
@@ -76,25 +114,45 @@ class LiveMigrate(base.MigrationTask):
             if job is not None:
                 self._record(migration_id, job)
             return self._summary(job)
-        mig = self.db.get_migration(migration_id)
-        if mig["abort_requested"] and not running:
-            raise exc.MigrationAborted(f"migration {migration_id} aborted before the copy")
-        if not self.db.update_migration(migration_id, expected_statuses=_ACTIVE,
-                                        status=Status.RUNNING):
-            raise exc.InvalidMigrationState(
-                f"migration {migration_id} is {mig['status']}, cannot run")
-        if not running:
-            opts = CONF.migration
-            drv.live_migration(source_host, inst, dest_host, migrate_data, {
-                "bandwidth_mbps": opts.live_migration_bandwidth,
-                "downtime_ms": steps[0][1],
-                "auto_converge": opts.live_migration_permit_auto_converge,
-                "post_copy": opts.live_migration_permit_post_copy,
-            })
-        job = self._watch(drv, migration_id, inst, source_host, size, steps)
-        return self._summary(job)
+        gate = _Held(_copy_gates.get(instance_id))
+        gate.take(lambda g: self._wait_for(g, migration_id))
+        try:
+            mig = self.db.get_migration(migration_id)
+            if mig["abort_requested"] and not running:
+                raise exc.MigrationAborted(f"migration {migration_id} aborted before the copy")
+            if not self.db.update_migration(migration_id, expected_statuses=_ACTIVE,
+                                            status=Status.RUNNING):
+                raise exc.InvalidMigrationState(
+                    f"migration {migration_id} is {mig['status']}, cannot run")
+            if not running:
+                opts = CONF.migration
+                drv.live_migration(source_host, inst, dest_host, migrate_data, {
+                    "bandwidth_mbps": opts.live_migration_bandwidth,
+                    "downtime_ms": steps[0][1],
+                    "auto_converge": opts.live_migration_permit_auto_converge,
+                    "post_copy": opts.live_migration_permit_post_copy,
+                })
+            job = self._watch(drv, migration_id, inst, source_host, size, steps,
+                              copy_ended=gate.release)
+            return self._summary(job)
+        finally:
+            gate.release()
 
-    def _watch(self, drv, migration_id, inst, source_host, size, steps):
+    def _wait_for(self, gate, migration_id):
+        """Take the gate; an operator abort or a stopping process ends the
+        wait (the migration is still ``preparing``: nothing was copied)."""
+        started = time.monotonic()
+        while not gate.acquire(GATE_POLL_S):
+            if self.db.get_migration(migration_id)["abort_requested"]:
+                raise exc.MigrationAborted(
+                    f"migration {migration_id} aborted while waiting to start the copy")
+            if lifecycle.STOPPING.is_set():
+                raise lifecycle.Detach()
+        waited = time.monotonic() - started
+        if waited >= GATE_POLL_S:
+            self.log(logging.INFO, "copy gate taken", migration_id, waited=f"{waited:.2f}")
+
+    def _watch(self, drv, migration_id, inst, source_host, size, steps, copy_ended):
         opts = CONF.migration
         timeout = opts.live_migration_completion_timeout * size
         next_step = 1
@@ -104,6 +162,8 @@ class LiveMigrate(base.MigrationTask):
             if job is None:
                 raise exc.DriverError(f"migration job of {inst['uuid']} vanished "
                                       f"from {source_host}")
+            if job["status"] != "running":
+                copy_ended()
             self._record(migration_id, job)
             if job["status"] == "completed":
                 return job
