@@ -14,6 +14,7 @@ PACKAGES = [
     "migrateflow.db.migrations",
     "migrateflow.db.migrations.versions",
     "migrateflow.drivers",
+    "migrateflow.drivers.libvirt",
     "migrateflow.flows",
     "migrateflow.tasks",
 ]
@@ -43,7 +44,10 @@ setup(
         "kazoo>=2.6",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "build>=1.0"],
+        # libvirt-python builds from source: tools/test-all.sh installs the
+        # Debian packages it needs first (libvirt-dev pkg-config gcc python3-dev)
+        "libvirt": ["libvirt-python>=9.0"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "build>=1.0", "libvirt-python>=9.0"],
         "sql-servers": ["psycopg2-binary>=2.9", "PyMySQL>=1.1"],
     },
     entry_points={
@@ -51,6 +55,7 @@ setup(
         "oslo.config.opts": ["migrateflow = migrateflow.conf:list_opts"],
         "migrateflow.drivers": [
             "fake = migrateflow.drivers.fake:FakeDriver",
+            "libvirt = migrateflow.drivers.libvirt:LibvirtDriver",
         ],
     },
 )

@@ -6,11 +6,11 @@ feeds ``oslo-config-generator --namespace migrateflow``.
 from oslo_config import cfg
 from oslo_db import options as db_options
 
-from migrateflow.conf import compute, fake_driver, jobboard, migration, persistence
+from migrateflow.conf import compute, fake_driver, jobboard, libvirt, migration, persistence
 
 CONF = cfg.CONF
 
-_MODULES = (compute, migration, persistence, jobboard, fake_driver)
+_MODULES = (compute, migration, persistence, jobboard, fake_driver, libvirt)
 
 
 def register_opts(conf):

@@ -5,10 +5,20 @@ how to build hosts and guests for its driver and how to look at a host's
 state (VIFs, volume connections, instance files, guests).  Adding a driver
 means adding a harness class to HARNESSES.
 """
+import os
+
 import pytest
 
 from migrateflow import exceptions
 from migrateflow.drivers.fake import FakeDriver
+
+try:
+    from migrateflow.drivers.libvirt import LibvirtDriver, guests as libvirt_guests
+    from migrateflow.drivers.libvirt.connection import Settings as LibvirtSettings
+    from migrateflow.drivers.libvirt.storage import GIB, HostStorage
+    LIBVIRT_IMPORT_ERROR = None
+except ImportError as err:   # the libvirt harness then fails: never skipped
+    LIBVIRT_IMPORT_ERROR = err
 
 NET = [{"port_id": "4b1d0c8e-2f7a-4e39-8c55-93a1f0d2e6b7", "mac": "fa:16:3e:00:00:02",
         "network_id": "net-1"}]
@@ -33,6 +43,13 @@ class FakeHarness:
 
     def make_guest(self, host, instance, network_info=NET, block_device_info=BDI):
         self.driver.spawn(host, instance, network_info, block_device_info)
+
+    def require(self, capability):
+        """The fake can do everything a test asks."""
+
+    def host_path(self, host, path):
+        """Where the contract's instance path ``path`` is on ``host``."""
+        return path
 
     def set_dirty_rate(self, instance_uuid, mbps):
         self.driver.set_dirty_rate(instance_uuid, mbps)
@@ -63,7 +80,143 @@ class FakeHarness:
                 "guests": self.driver.guests(host)}
 
 
-HARNESSES = {"fake": FakeHarness}
+#: where the tests name instance files (the fake driver's instances directory)
+CONTRACT_ROOT = "/var/lib/migrateflow/instances"
+_TEST_NODE = """<node>
+  <cpu><mhz>2000</mhz><model>{cpu_model}</model><active>4</active><nodes>1</nodes>
+    <sockets>1</sockets><cores>4</cores><threads>1</threads></cpu>
+  <memory>{memory_kib}</memory>
+  <pool type="dir"><name>instances</name><target><path>{root}</path></target></pool>
+</node>
+"""
+
+
+class LibvirtTestHarness:
+    """Hosts of libvirt's in-process test driver: ``test:///<tmp>/libvirt-nodes/<host>.xml``
+    (each open of such a URI is an independent host, so the driver's one
+    connection per host *is* the host).  Instance storage in
+    ``<tmp>/libvirt-storage/<host>``, a symlink to ``.../shared-<group>``
+    for hosts sharing storage; a host's disk size is the capacity of its
+    ``instances`` pool (the test driver makes every pool 100 GiB: a volume
+    takes what the host should not have), its memory the node's.
+
+    The test driver cannot migrate (migrate*, jobStats, abortJob) nor compare
+    CPUs (compareCPU), and its host CPU is fixed: those parts are skipped
+    here and run by the lab tests (tests/test_libvirt_lab.py).
+    """
+
+    UNSUPPORTED = {
+        "migrate": "libvirt's test driver cannot migrate: covered by the lab tests",
+        "cpu_features": "libvirt's test driver has a fixed host CPU and no compareCPU: "
+                        "the fallback is unit-tested, compareCPU runs in the lab tests",
+    }
+
+    def __init__(self, tmp_path):
+        if LIBVIRT_IMPORT_ERROR is not None:
+            pytest.fail(f"libvirt-python is not importable ({LIBVIRT_IMPORT_ERROR}); "
+                        "bash tools/test-all.sh installs it", pytrace=False)
+        self.nodes = tmp_path / "libvirt-nodes"
+        self.storage = tmp_path / "libvirt-storage"
+        self.nodes.mkdir()
+        self.storage.mkdir()
+        self.settings = LibvirtSettings(
+            connection_uri_template=f"test://{self.nodes}/{{host}}.xml",
+            instances_path=f"{self.storage}/{{host}}", disk_pool="instances",
+            migration_uri_template="", shutdown_timeout=0)
+        self.driver = LibvirtDriver(self.settings)
+        self.hosts = []
+
+    def require(self, capability):
+        if capability in self.UNSUPPORTED:
+            pytest.skip(self.UNSUPPORTED[capability])
+
+    POOL_GB = 100
+
+    def make_host(self, name, shared_storage=None, cpu_features=None, disk_gb=POOL_GB,
+                  memory_mb=65536):
+        root = self.storage / name
+        if shared_storage:
+            target = self.storage / f"shared-{shared_storage}"
+            target.mkdir(exist_ok=True)
+            root.symlink_to(target)
+        else:
+            root.mkdir()
+        (self.nodes / f"{name}.xml").write_text(_TEST_NODE.format(
+            cpu_model="Haswell", memory_kib=memory_mb * 1024, root=root))
+        self.hosts.append(name)
+        conn = self.driver.connection(name)   # opened once: the host lives from now on
+        if disk_gb < self.POOL_GB:
+            conn.storagePoolLookupByName("instances").createXML(
+                f"<volume><name>taken</name><capacity unit='GiB'>{self.POOL_GB - disk_gb}"
+                f"</capacity><allocation unit='GiB'>{self.POOL_GB - disk_gb}</allocation>"
+                "</volume>", 0)
+        return name
+
+    def make_guest(self, host, instance, network_info=NET, block_device_info=BDI):
+        self.driver.spawn(host, instance, network_info, block_device_info)
+
+    def set_dirty_rate(self, instance_uuid, mbps):
+        self.require("migrate")
+
+    def _relative(self, path):
+        for prefix in [CONTRACT_ROOT] + [str(self.storage / h) for h in self.hosts]:
+            if path.startswith(prefix + "/"):
+                return path[len(prefix) + 1:]
+        raise AssertionError(f"{path} is not in any host's instance storage")
+
+    def host_path(self, host, path):
+        return os.path.join(str(self.storage / host), self._relative(path))
+
+    def path_exists(self, host, path):
+        return os.path.exists(self.host_path(host, path))
+
+    def disk_gb(self, host, path):
+        return self._size_gb(self.host_path(host, path))
+
+    @staticmethod
+    def _size_gb(path):
+        if os.path.isdir(path):
+            path = os.path.join(path, "disk")
+        if not os.path.exists(path):
+            return None
+        return -(-os.path.getsize(path) // GIB)
+
+    def guest_flavor(self, host, instance_uuid):
+        dom = libvirt_guests.find(self.driver.connection(host), instance_uuid)
+        return libvirt_guests.flavor(dom) if dom is not None else None
+
+    def inject_failure(self, method, host, when):
+        """The next call of ``method`` addressed to ``host`` raises a
+        DriverError, before or after the real call."""
+        real = getattr(self.driver, method)
+
+        def failing(target, *args, **kwargs):
+            if target != host:
+                return real(target, *args, **kwargs)
+            del self.driver.__dict__[method]
+            if when == "after":
+                real(target, *args, **kwargs)
+            raise exceptions.DriverError(f"injected failure {when} {method} on {host}")
+        setattr(self.driver, method, failing)
+
+    def host_state(self, host):
+        store = HostStorage(self.settings, host)
+        held = store.attachments()
+        root = str(self.storage / host)
+        return {
+            "vifs": sorted((dict(v, instance=uuid) for uuid, rec in held.items()
+                            for v in rec["vifs"]), key=lambda v: v["port_id"]),
+            "volumes": sorted((dict(v, instance=uuid) for uuid, rec in held.items()
+                               for v in rec["volumes"]), key=lambda v: v["volume_id"]),
+            "files": [{"path": f"{CONTRACT_ROOT}/{name}",
+                       "disk_gb": self._size_gb(os.path.join(root, name)) or 0}
+                      for name in sorted(os.listdir(root)) if not name.startswith(".")],
+            "guests": [dict(g, **self.guest_flavor(host, g["uuid"]))
+                       for g in self.driver.list_guests(host)],
+        }
+
+
+HARNESSES = {"fake": FakeHarness, "libvirt": LibvirtTestHarness}
 
 
 @pytest.fixture(params=sorted(HARNESSES))
@@ -174,6 +327,7 @@ class TestComputeDriverContract:
             run_checks(driver, instance, block_migration=None)
 
     def test_cpu_incompatibility(self, harness, driver):
+        harness.require("cpu_features")
         harness.make_host("src", cpu_features=["sse4.2", "avx", "avx2"])
         harness.make_host("dst", cpu_features=["sse4.2", "avx"])
         instance = make_instance()
@@ -209,6 +363,7 @@ class TestComputeDriverContract:
         migrate_data = run_checks(driver, instance)
         before = harness.host_state("dst")
         driver.pre_live_migration("dst", instance, BDI, NET, migrate_data)
+        harness.require("migrate")
         harness.set_dirty_rate(instance["uuid"], 4096)
         driver.live_migration("src", instance, "dst", migrate_data, PARAMS)
         driver.rollback_live_migration_at_destination("dst", instance, BDI, NET, migrate_data)
@@ -220,6 +375,7 @@ class TestComputeDriverContract:
         instance, uuid = cloud["instance"], cloud["instance"]["uuid"]
         migrate_data = run_checks(driver, instance)
         migrate_data = driver.pre_live_migration("dst", instance, BDI, NET, migrate_data)
+        harness.require("migrate")
         driver.live_migration("src", instance, "dst", migrate_data, PARAMS)
         driver.live_migration("src", instance, "dst", migrate_data, PARAMS)  # re-attach
         job = wait_for_job(driver, instance)
@@ -248,6 +404,7 @@ class TestComputeDriverContract:
         driver.live_migration_abort("src", instance)                  # no job: no-op
         migrate_data = run_checks(driver, instance)
         driver.pre_live_migration("dst", instance, BDI, NET, migrate_data)
+        harness.require("migrate")
         harness.set_dirty_rate(uuid, 4096)
         driver.live_migration("src", instance, "dst", migrate_data, PARAMS)
         driver.get_migration_job("src", instance)
@@ -333,7 +490,8 @@ class TestColdMigrationContract:
         assert driver.check_instance_shared_storage("src", "dst", instance) is shared
         result = driver.migrate_disk_and_power_off("src", instance, "dst", NEW_FLAVOR,
                                                    NET, BDI, shared)
-        assert result == {"disk_info": [{"path": disk_path(instance), "disk_gb": 40,
+        assert result == {"disk_info": [{"path": harness.host_path("dst", disk_path(instance)),
+                                         "disk_gb": 40,
                                          "copied": not shared}]}
         assert driver.get_guest("src", uuid)["state"] == "shutdown"
         src = harness.host_state("src")
@@ -506,7 +664,7 @@ class TestSameHostResizeContract:
             driver.confirm_migration("src", guest, False, dest="src")
         assert driver.get_guest("src", uuid)["state"] == "running"
         assert harness.guest_flavor("src", uuid) == flavor_of(NEW_FLAVOR)
-        assert [f["path"] for f in driver.files("src")] == [disk_path(guest)]
+        assert [f["path"] for f in harness.host_state("src")["files"]] == [disk_path(guest)]
         assert harness.host_state("dst")["guests"] == []
 
     def test_resize_then_revert_restores_the_old_disk_and_flavor(self, harness, driver,

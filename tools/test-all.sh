@@ -17,8 +17,28 @@ if [ ! -f /usr/share/java/zookeeper.jar ]; then
   need+=(zookeeper)
   command -v java >/dev/null || need+=(default-jre-headless)
 fi
-if [ ${#need[@]} -gt 0 ]; then
+# libvirt-python (the libvirt driver's tests) compiles against libvirt when
+# pip installs it.
+pkg-config --exists libvirt 2>/dev/null || need+=(libvirt-dev pkg-config)
+command -v gcc >/dev/null || need+=(gcc)
+python3 -c 'import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+  2>/dev/null || need+=(python3-dev)
+# The libvirt lab (tools/libvirt-lab/lab.sh, started by the lab tests): two
+# private libvirtd daemons and QEMU; its guest is built with a static C
+# program, cpio and Debian's kernel package (apt-get download needs the
+# package lists).
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+[ -x /usr/sbin/libvirtd ] || need+=(libvirt-daemon-system)
+command -v virsh >/dev/null || need+=(libvirt-clients)
+[ -f "$(gcc -print-file-name=libc.a 2>/dev/null)" ] || need+=(libc6-dev)
+command -v cpio >/dev/null || need+=(cpio)
+update=
+apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1 || update=1
+if [ ${#need[@]} -gt 0 ] || [ -n "$update" ]; then
   apt-get -o DPkg::Lock::Timeout=120 update -qq
+fi
+if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=120 install \
     -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi

@@ -1,0 +1,244 @@
+"""The libvirt driver on the real lab (tests/libvirt_lab.py): two libvirtd
+daemons and QEMU (TCG) guests, moved by the real engine.
+
+Each test records the two lab hosts in the state database with the facts
+their hypervisors report, boots its guest, moves it through MigrationAPI,
+and checks where the guest runs in BOTH daemons and what the database says.
+"""
+import os
+import re
+import time
+
+import pytest
+
+from migrateflow import api, drivers
+from migrateflow.db import api as db_api
+
+#: each test takes seconds; the first one also waits for the lab to start
+#: (a guest build and QEMU's capabilities probe on a fresh machine)
+pytestmark = pytest.mark.timeout(240)
+LAB_HOSTS = ("lab-a", "lab-b")
+#: a TCG guest boots in 3-5 s and ticks every second; on a loaded machine
+#: (other jobs on its two cores) it can be several times slower
+BOOT_TIMEOUT_S = 90
+TICK_TIMEOUT_S = 45
+
+
+def add_lab_hosts(db, driver, shared_storage=None):
+    """Host rows as a cloud would record them: the hypervisors' own facts."""
+    for name in LAB_HOSTS:
+        info = driver.get_host_info(name)
+        db.create_host(name, hypervisor_type=info["hypervisor_type"],
+                       hypervisor_version=info["hypervisor_version"],
+                       cpu_model=info["cpu_model"], cpu_features=info["cpu_features"],
+                       vcpus=8, memory_mb=info["memory_mb"], disk_gb=info["disk_gb"],
+                       shared_storage=shared_storage)
+
+
+def ticks(console):
+    """The last "tick N" the guest printed on its serial console (0: none)."""
+    try:
+        with open(console, errors="replace") as f:
+            found = re.findall(r"tick (\d+)", f.read())
+    except FileNotFoundError:
+        return 0
+    return int(found[-1]) if found else 0
+
+
+def wait_for_ticks(console, above, timeout=BOOT_TIMEOUT_S):
+    deadline = time.monotonic() + timeout
+    while ticks(console) <= above:
+        if time.monotonic() > deadline:
+            try:
+                with open(console, errors="replace") as f:
+                    tail = f.read()[-600:]
+            except FileNotFoundError:
+                tail = "(no console file)"
+            pytest.fail(f"guest console {console} shows no tick above {above} after "
+                        f"{timeout} s; it ends with:\n{tail}")
+        time.sleep(0.2)
+    return ticks(console)
+
+
+def boot_instance(db, driver, lab, instances, name, host="lab-a"):
+    """Record an instance on ``host`` and boot its guest (until it ticks)."""
+    inst = db.create_instance(name=name, host=host, flavor_name="lab.tiny", memory_mb=256,
+                              vcpus=1, disk_gb=1, port_count=1)
+    network_info = [{"port_id": p["id"], "mac": p["mac"], "network_id": p["network_id"]}
+                    for p in db.list_ports(inst["uuid"])]
+    driver.spawn(host, db_api.instance_to_driver(inst), network_info, [])
+    wait_for_ticks(lab.console(instances.replace("{host}", host), inst["uuid"]), 1)
+    return inst
+
+
+def where(lab, instance_uuid):
+    """{host: (state, persistent)} of the guest in both daemons, read
+    through connections of this test (not the driver's)."""
+    import libvirt
+    seen = {}
+    for host in LAB_HOSTS:
+        conn = libvirt.open(lab.uri(host))
+        try:
+            dom = conn.lookupByUUIDString(instance_uuid)
+            seen[host] = ({libvirt.VIR_DOMAIN_RUNNING: "running",
+                           libvirt.VIR_DOMAIN_PAUSED: "paused",
+                           libvirt.VIR_DOMAIN_SHUTOFF: "shutoff"}.get(dom.state()[0]),
+                          bool(dom.isPersistent()))
+        except libvirt.libvirtError as err:
+            if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                raise
+        finally:
+            conn.close()
+    return seen
+
+
+def vcpu_seconds(lab, host, instance_uuid, over):
+    """CPU seconds the guest's vCPU used during ``over`` seconds."""
+    import libvirt
+    conn = libvirt.open(lab.uri(host))
+    try:
+        dom = conn.lookupByUUIDString(instance_uuid)
+        before = dom.info()[4]
+        time.sleep(over)
+        return (dom.info()[4] - before) / 1e9
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def lab_cloud(lab_conf, libvirt_lab):
+    db = db_api.get_db(lab_conf)
+    driver = drivers.get_driver(lab_conf)
+    return db, driver, api.MigrationAPI(lab_conf)
+
+
+def test_live_migration_of_an_idle_guest(lab_cloud, libvirt_lab):
+    """Block migration (each host its own instances directory) through the
+    engine: the guest runs on lab-b only, keeps running, and the database
+    follows."""
+    db, driver, client = lab_cloud
+    lab = libvirt_lab
+    add_lab_hosts(db, driver)
+    inst = boot_instance(db, driver, lab, lab.instances(), "idle-1")
+    uuid = inst["uuid"]
+    before = ticks(lab.console(lab.instances("lab-a"), uuid))
+
+    mig = client.live_migrate(uuid, host="lab-b")
+
+    assert mig["status"] == "completed", mig["error"]
+    assert where(lab, uuid) == {"lab-b": ("running", True)}
+    moved = db.get_instance(uuid)
+    assert (moved["host"], moved["power_state"], moved["task_state"]) == \
+        ("lab-b", "running", None)
+    assert (mig["source_host"], mig["dest_host"]) == ("lab-a", "lab-b")
+    assert mig["downtime_ms"] is not None and mig["memory_processed_mb"] > 0
+    # the same guest goes on counting on lab-b, whose console is in its own directory
+    wait_for_ticks(lab.console(lab.instances("lab-b"), uuid), before, TICK_TIMEOUT_S)
+    assert not os.path.exists(os.path.join(lab.instances("lab-a"), uuid))
+
+
+@pytest.fixture
+def slow_shared_copy(lab_cloud, libvirt_lab, lab_conf):
+    """Both hosts on one (shared) instances directory, copies capped at
+    10 MiB/s: a guest dirtying 64 MiB without pause never converges."""
+    overrides = [
+        ("instances_path", libvirt_lab.shared_instances, "libvirt"),
+        # a local directory both daemons see: libvirt cannot tell it is shared
+        ("live_migration_flag", ["VIR_MIGRATE_LIVE", "VIR_MIGRATE_PEER2PEER",
+                                 "VIR_MIGRATE_PERSIST_DEST", "VIR_MIGRATE_UNDEFINE_SOURCE",
+                                 "VIR_MIGRATE_UNSAFE"], "libvirt"),
+        ("live_migration_bandwidth", 10, "migration"),
+    ]
+    for name, value, group in overrides:
+        lab_conf.set_override(name, value, group)
+    db, _driver, client = lab_cloud
+    driver = drivers.get_driver(lab_conf)
+    add_lab_hosts(db, driver, shared_storage="lab-shared")
+    yield db, driver, client
+    for name, _value, group in overrides:
+        lab_conf.clear_override(name, group)
+
+
+def start_stuck_copy(client, instance_uuid):
+    """Start the live migration to lab-b; return its record once more than
+    the guest's whole dirty set was sent (the copy goes round in circles)."""
+    mig = client.live_migrate(instance_uuid, host="lab-b", wait=False)
+    deadline = time.monotonic() + 45
+    while True:
+        seen = client.show_migration(mig["uuid"])
+        if seen["status"] == "running" and seen["memory_processed_mb"] > 64:
+            return seen
+        assert seen["status"] in ("queued", "preparing", "running"), seen
+        assert time.monotonic() < deadline, f"the copy did not get going: {seen}"
+        time.sleep(0.2)
+
+
+def test_abort_of_a_copy_that_cannot_converge(slow_shared_copy, libvirt_lab):
+    """The operator's abort of a copy that cannot converge leaves the guest
+    running on lab-a, and nothing on lab-b."""
+    db, driver, client = slow_shared_copy
+    lab = libvirt_lab
+    uuid = boot_instance(db, driver, lab, lab.shared_instances, "dirty-1")["uuid"]
+
+    mig = start_stuck_copy(client, uuid)
+    client.abort(mig["uuid"])
+    final = client.wait(mig["uuid"], timeout=60)
+
+    assert final["status"] == "cancelled", final["error"]
+    assert where(lab, uuid) == {"lab-a": ("running", True)}
+    kept = db.get_instance(uuid)
+    assert (kept["host"], kept["power_state"], kept["task_state"]) == \
+        ("lab-a", "running", None)
+    # the guest executes (not paused, not stopped).  Its console is not
+    # watched here: in about one abort in eight of this memory-dirtying
+    # TCG guest (QEMU 7.2) its ticks stop while its vCPU stays busy, the
+    # same with the driver's calls alone: the guest's timer seems lost at
+    # the cancel (an idle guest always ticks on)
+    assert vcpu_seconds(lab, "lab-a", uuid, over=1.0) > 0.1
+
+
+def test_force_complete_switches_to_post_copy(slow_shared_copy, libvirt_lab, lab_conf):
+    """With post-copy permitted, forcing the stuck copy to complete switches
+    it to post-copy: the guest runs on lab-b at once and the copy ends."""
+    db, driver, client = slow_shared_copy
+    lab = libvirt_lab
+    lab_conf.set_override("live_migration_permit_post_copy", True, "migration")
+    try:
+        uuid = boot_instance(db, driver, lab, lab.shared_instances, "dirty-2")["uuid"]
+
+        mig = start_stuck_copy(client, uuid)
+        client.force_complete(mig["uuid"])
+        final = client.wait(mig["uuid"], timeout=90)
+
+        assert final["status"] == "completed", final["error"]
+        assert final["post_copy"]
+        assert where(lab, uuid) == {"lab-b": ("running", True)}
+        assert db.get_instance(uuid)["host"] == "lab-b"
+        console = lab.console(lab.shared_instances, uuid)
+        wait_for_ticks(console, ticks(console), TICK_TIMEOUT_S)
+    finally:
+        lab_conf.clear_override("live_migration_permit_post_copy", "migration")
+
+
+def test_cold_migration_then_confirm(lab_cloud, libvirt_lab):
+    """The guest is stopped, its instance directory copied to lab-b's, and
+    started there from its own definition; confirm removes it from lab-a."""
+    db, driver, client = lab_cloud
+    lab = libvirt_lab
+    add_lab_hosts(db, driver)
+    inst = boot_instance(db, driver, lab, lab.instances(), "cold-1")
+    uuid = inst["uuid"]
+
+    mig = client.migrate(uuid, host="lab-b")
+
+    assert mig["status"] == "finished", mig["error"]
+    assert where(lab, uuid) == {"lab-a": ("shutoff", True), "lab-b": ("running", True)}
+    wait_for_ticks(lab.console(lab.instances("lab-b"), uuid), 1)
+    assert db.get_instance(uuid)["host"] == "lab-b"
+
+    confirmed = client.confirm_resize(mig["uuid"])
+
+    assert confirmed["status"] == "confirmed", confirmed["error"]
+    assert where(lab, uuid) == {"lab-b": ("running", True)}
+    assert not os.path.exists(os.path.join(lab.instances("lab-a"), uuid))
+    assert os.path.isfile(os.path.join(lab.instances("lab-b"), uuid, "disk"))
