@@ -42,6 +42,34 @@ A *flavor* is {"name", "memory_mb", "vcpus", "disk_gb"}.
 """
 import abc
 
+from migrateflow import exceptions
+
+
+def source_migrate_data(source, instance, dest_check_data, shared):
+    """check_can_live_migrate_source's decision, the same for every driver
+    once it knows whether ``source`` sees the destination's probe
+    (``shared``): block migration when not requested and not shared;
+    refuse block migration on shared storage and a non-block migration
+    without it for an instance that is not volume-backed, and a block
+    migration without the free disk on the destination."""
+    uuid, dest = instance["uuid"], dest_check_data["dest"]
+    block = dest_check_data["block_migration"]
+    if block is None:
+        block = not shared
+    if block and shared:
+        raise exceptions.InvalidSharedStorage(
+            f"{source} and {dest} share instance storage; block migration refused")
+    if not block and not shared and not instance.get("volume_backed"):
+        raise exceptions.InvalidLocalStorage(
+            f"{source} and {dest} do not share instance storage and instance {uuid} "
+            f"is not volume-backed; block migration needed")
+    if block and dest_check_data["disk_available_gb"] < (instance.get("disk_gb") or 0):
+        raise exceptions.InsufficientResources(
+            f"host {dest} has {dest_check_data['disk_available_gb']} GB free, "
+            f"instance {uuid} needs {instance['disk_gb']} GB")
+    return {"source": source, "dest": dest, "block_migration": block,
+            "is_shared_instance_path": shared}
+
 
 class MigrationJob(dict):
     """State of a live-migration job as seen on the source host.

@@ -105,25 +105,9 @@ class LibvirtDriver(live.LiveMigration, cold.ColdMigration, base.ComputeDriver):
                              or storage.probe(instance["uuid"]))
 
     def check_can_live_migrate_source(self, source, instance, dest_check_data):
-        uuid, dest = instance["uuid"], dest_check_data["dest"]
         self._conn(source)
         shared = self._storage(source).sees(dest_check_data["probe_file"])
-        block = dest_check_data["block_migration"]
-        if block is None:
-            block = not shared
-        if block and shared:
-            raise exceptions.InvalidSharedStorage(
-                f"{source} and {dest} share instance storage; block migration refused")
-        if not block and not shared and not instance.get("volume_backed"):
-            raise exceptions.InvalidLocalStorage(
-                f"{source} and {dest} do not share instance storage and instance {uuid} "
-                f"is not volume-backed; block migration needed")
-        if block and dest_check_data["disk_available_gb"] < (instance.get("disk_gb") or 0):
-            raise exceptions.InsufficientResources(
-                f"host {dest} has {dest_check_data['disk_available_gb']} GB free, "
-                f"instance {uuid} needs {instance['disk_gb']} GB")
-        return {"source": source, "dest": dest, "block_migration": block,
-                "is_shared_instance_path": shared}
+        return base.source_migrate_data(source, instance, dest_check_data, shared)
 
     # -- destination preparation ----------------------------------------------------------
     def pre_live_migration(self, dest, instance, block_device_info, network_info,
