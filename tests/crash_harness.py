@@ -4,6 +4,7 @@ the assertions make (persisted atom states, jobs on the board, host usage).
 Test code, not product code."""
 import collections
 import contextlib
+import dataclasses
 import signal
 import sqlite3
 import time
@@ -105,6 +106,17 @@ def journal(path):
             label, kind, name, state = line.split()
             events.append((label, kind, name, state))
     return events
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One case of the resize and evacuation matrices (see run_case)."""
+    id: str
+    scenario: str
+    kill_at: str = None  # "ATOM:STATE" (or "flow:STATE") where A kills itself
+    faults: tuple = ()  # (method, action, when, host, count) armed before posting
+    hang: str = None  # the method whose hang fault is awaited, then A is SIGKILLed
+    interrupted: str = None  # "ATOM:STATE" persisted when A died inside a step
 
 
 def run_case(env, case, post, expected_status):

@@ -22,13 +22,11 @@ checks the end state in the database and the fake driver, each hypervisor
 side effect exactly once, and from the journal that no finished step ran
 again.
 """
-import dataclasses
-
 import pytest
 from futurist import _thread as futurist_thread
 from taskflow import states as st
 
-from crash_harness import WORKER_IDLE, Env, arm, assert_no_step_twice, persisted_state
+from crash_harness import WORKER_IDLE, Case, Env, arm, assert_no_step_twice, persisted_state
 from crash_harness import run_case, usage
 from migrateflow import engine, graph
 from migrateflow.conf import CONF
@@ -46,16 +44,6 @@ SIDE_EFFECTS = {
     "rollback": {("spawn", SOURCE): 1, ("rebuild", DEST): 1, ("destroy", DEST): 1},
 }
 FINAL = {"evacuate": ("done", st.SUCCESS), "rollback": ("failed", st.REVERTED)}
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    id: str
-    scenario: str
-    kill_at: str = None
-    faults: tuple = ()
-    hang: str = None
-    interrupted: str = None
 
 
 def _cases():

@@ -28,13 +28,11 @@ REVERTING / REVERTED.  Every case checks the end state in the database and
 the fake driver, that each hypervisor side effect happened exactly once,
 and from both conductors' journal that no finished step ran again.
 """
-import dataclasses
-
 import pytest
 from futurist import _thread as futurist_thread
 from taskflow import states as st
 
-from crash_harness import WORKER_IDLE, Env, arm, assert_no_step_twice, persisted_state
+from crash_harness import WORKER_IDLE, Case, Env, arm, assert_no_step_twice, persisted_state
 from crash_harness import run_case, usage
 from migrateflow import cloud, engine, graph
 from migrateflow.conf import CONF
@@ -76,16 +74,6 @@ DRIVER_CALLS = {
 }
 FINAL = {"resize": ("finished", st.SUCCESS), "resize-rollback": ("error", st.REVERTED),
          "confirm": ("confirmed", st.SUCCESS), "revert": ("reverted", st.SUCCESS)}
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    id: str
-    scenario: str
-    kill_at: str = None
-    faults: tuple = ()
-    hang: str = None
-    interrupted: str = None
 
 
 def _cases():
