@@ -1,20 +1,26 @@
 """The Python API a cloud controller embeds.
 
-Requests are validated against the state database before anything
-changes: a refused request raises a ``migrateflow.exceptions`` error
-naming the reason and leaves every record as it was.  An accepted request
-claims its instance (compare-and-swap on task_state), records a migration
-and runs the flow; the returned migration record tells how it ended.
+Every operation runs for a caller (``context.RequestContext``: user,
+project, roles, request id): the API's own (``MigrationAPI(context=...)``
+or ``for_caller``), else the cloud administrator's with a fresh request id.
+The caller is authorized first (``policy``: ``Forbidden`` names the rule),
+then the request is validated against the state database: a refused
+request raises a ``migrateflow.exceptions`` error naming the reason and
+leaves every record as it was.  The caller goes into the flow's store, so
+a resumed flow still knows who asked; log lines carry its request id.  An
+accepted request claims its instance (compare-and-swap on task_state),
+records a migration and runs the flow; the returned migration record tells
+how it ended.
 """
+import contextlib
 import logging
 import threading
 import time
 
-from taskflow import exceptions as tf_exc
-
+from migrateflow import context as context_mod
 from migrateflow import engine
 from migrateflow import exceptions as exc
-from migrateflow import evacuation_api
+from migrateflow import evacuation_api, inventory_api, notifications, policy
 from migrateflow import resize_api, scheduler
 from migrateflow.conf import CONF
 from migrateflow.db import api as db_api
@@ -28,19 +34,48 @@ LOG = logging.getLogger(__name__)
 _ABORTABLE = (Status.QUEUED, Status.PREPARING, Status.RUNNING)
 
 
-class MigrationAPI(resize_api.ResizeOps, evacuation_api.EvacuationOps):
+class MigrationAPI(resize_api.ResizeOps, evacuation_api.EvacuationOps,
+                   inventory_api.InventoryOps):
     """Operations on instances and migrations of one state database."""
 
-    def __init__(self, conf=CONF, listeners=()):
+    def __init__(self, conf=CONF, listeners=(), context=None):
         """``listeners``: TaskFlow listener factories attached to every flow
-        this API runs (called with the engine)."""
+        this API runs (called with the engine).  ``context``: the caller of
+        every operation (None: the administrator, a new request id each)."""
         self.conf = conf
         self.listeners = tuple(listeners)
+        self.context = None if context is None else context_mod.ensure(context)
         self._threads = {}
+
+    def for_caller(self, context):
+        """This API acting for ``context`` (a ``context.RequestContext``)."""
+        return type(self)(self.conf, self.listeners, context)
 
     @property
     def db(self):
         return db_api.get_db(self.conf)
+
+    @contextlib.contextmanager
+    def _caller(self, rule, owner=None):
+        """The block runs for the caller, authorized for ``rule`` (its log
+        lines carry the request id).  ``owner()``: the project owning the
+        target, read only when the caller is not allowed by role alone."""
+        ctx = context_mod.ensure(self.context)
+        with context_mod.bind(request_id=ctx.request_id, context=ctx.to_store()):
+            try:
+                policy.authorize(ctx, rule, {}, self.conf)
+            except exc.Forbidden:
+                if owner is None:
+                    raise
+                policy.authorize(ctx, rule, {"project_id": owner()}, self.conf)
+            yield ctx
+
+    def _instance_project(self, instance_id):
+        return lambda: self.db.get_instance(instance_id)["project_id"]
+
+    def _migration_project(self, migration_id):
+        return lambda: self.db.get_instance(
+            self.db.get_migration(migration_id)["instance_uuid"])["project_id"]
 
     # -- live migration -------------------------------------------------------
     def live_migrate(self, instance_id, host=None, block_migration=None, wait=True):
@@ -54,8 +89,9 @@ class MigrationAPI(resize_api.ResizeOps, evacuation_api.EvacuationOps):
         ``wait`` (the interpreter also waits for flows running in-process
         before it exits).
         """
-        mig, store = self._accept_live_migration(instance_id, host, block_migration)
-        return self._launch(live_migration.build, store, mig, wait)
+        with self._caller(policy.LIVE_MIGRATE):
+            mig, store = self._accept_live_migration(instance_id, host, block_migration)
+            return self._launch(live_migration.build, store, mig, wait)
 
     def _launch(self, factory, store, mig, wait, on_refused=None):
         """Run the accepted ``mig``'s flow: post it to the jobboard, or run it
@@ -64,6 +100,7 @@ class MigrationAPI(resize_api.ResizeOps, evacuation_api.EvacuationOps):
 
         ``on_refused(error)``: undo the acceptance when the jobboard refuses
         the job (default: the migration fails, the instance is released)."""
+        store = {**store, StoreKey.CONTEXT: context_mod.current("context")}
         if self.conf.jobboard.enabled:
             self._post(factory, store, mig, on_refused)
             return self.wait(mig["uuid"]) if wait else self.db.get_migration(mig["uuid"])
@@ -145,8 +182,11 @@ class MigrationAPI(resize_api.ResizeOps, evacuation_api.EvacuationOps):
                 f"({type(err).__name__}: {err})") from err
 
     def _run_quietly(self, factory, store, migration_id):
+        caller = store.get(StoreKey.CONTEXT) or {}
         try:
-            engine.run(factory, store, migration_id, listeners=self.listeners)
+            with context_mod.bind(request_id=caller.get("request_id"), context=caller,
+                                  migration_id=migration_id):
+                engine.run(factory, store, migration_id, listeners=self.listeners)
         except Exception as err:  # noqa: BLE001 - the record carries the outcome
             LOG.info("migration=%s ended with %s: %s", migration_id, type(err).__name__, err)
 
@@ -154,6 +194,10 @@ class MigrationAPI(resize_api.ResizeOps, evacuation_api.EvacuationOps):
     def abort(self, migration_id):
         """Ask a live migration to stop; its rollback leaves the guest on the
         source and the migration ``cancelled``."""
+        with self._caller(policy.ABORT):
+            return self._abort(migration_id)
+
+    def _abort(self, migration_id):
         mig = self.db.get_migration(migration_id)
         if mig["post_copy"] or mig["status"] not in _ABORTABLE:
             raise exc.InvalidMigrationState(
@@ -162,24 +206,37 @@ class MigrationAPI(resize_api.ResizeOps, evacuation_api.EvacuationOps):
         if not self.db.update_migration(migration_id, expected_statuses=_ABORTABLE,
                                         abort_requested=True):
             raise exc.InvalidMigrationState(f"migration {migration_id} just ended")
-        return self.db.get_migration(migration_id)
+        mig = self.db.get_migration(migration_id)
+        notifications.instance_action("live_migration_abort", "start", mig)
+        return mig
 
     def force_complete(self, migration_id):
         """Ask a running live migration to finish now (post-copy when
         permitted, else pause the guest so the copy converges)."""
+        with self._caller(policy.FORCE_COMPLETE):
+            return self._force_complete(migration_id)
+
+    def _force_complete(self, migration_id):
         mig = self.db.get_migration(migration_id)
         if mig["status"] != Status.RUNNING:
             raise exc.InvalidMigrationState(
                 f"migration {migration_id} is {mig['status']}; only a running "
                 "migration can be forced to complete")
-        self.db.update_migration(migration_id, expected_statuses=[Status.RUNNING],
-                                 force_complete_requested=True)
-        return self.db.get_migration(migration_id)
+        if not self.db.update_migration(migration_id, expected_statuses=[Status.RUNNING],
+                                        force_complete_requested=True):
+            raise exc.InvalidMigrationState(f"migration {migration_id} just ended")
+        mig = self.db.get_migration(migration_id)
+        notifications.instance_action("live_migration_force_complete", "start", mig)
+        return mig
 
     def resume(self, migration_id):
         """Continue an interrupted migration's flow from its last step: in
         this process, or (jobboard mode) by posting its job again when the
         board lost it.  Returns the record once the migration ended."""
+        with self._caller(policy.RESUME):
+            return self._resume(migration_id)
+
+    def _resume(self, migration_id):
         mig = self.db.get_migration(migration_id)
         if mig["status"] in FLOW_ENDED:
             return mig
@@ -189,7 +246,8 @@ class MigrationAPI(resize_api.ResizeOps, evacuation_api.EvacuationOps):
                 engine.repost(migration_id)
             return self.wait(migration_id)
         try:
-            engine.resume(migration_id, listeners=self.listeners)
+            with context_mod.bind(migration_id=migration_id):
+                engine.resume(migration_id, listeners=self.listeners)
         except Exception as err:  # noqa: BLE001 - the record carries the outcome
             LOG.info("migration=%s resume ended with %s", migration_id, err)
         return self.db.get_migration(migration_id)
@@ -212,47 +270,3 @@ class MigrationAPI(resize_api.ResizeOps, evacuation_api.EvacuationOps):
             if deadline is not None and time.monotonic() >= deadline:
                 return mig
             time.sleep(poll)
-
-    # -- hosts ------------------------------------------------------------------
-    def set_host_state(self, host, **values):
-        """Mark a host up/down, forced down (fenced) or (dis)abled for
-        scheduling: ``up``, ``forced_down``, ``disabled``, ``disabled_reason``."""
-        scheduler.validate_host_name(host)
-        unknown = set(values) - {"up", "forced_down", "disabled", "disabled_reason"}
-        if unknown:
-            raise exc.InvalidRequest(f"unknown host fields: {', '.join(sorted(unknown))}")
-        self.db.get_host(host)
-        self.db.update_host(host, **values)
-        LOG.info("host state changed host=%s %s", host,
-                 " ".join(f"{k}={v}" for k, v in sorted(values.items())))
-        return self.db.get_host(host)
-
-    def drain_host(self, host, **kwargs):
-        """Disable ``host`` and live-migrate every instance off it (see
-        ``hostops.drain_host``)."""
-        from migrateflow import hostops  # hostops drives this API
-        return hostops.drain_host(self, host, **kwargs)
-
-    # -- queries --------------------------------------------------------------
-    def flow_steps(self, migration_id):
-        """[(step name, TaskFlow state)] of the migration's persisted flow,
-        in the order the flow runs them; [] when nothing was persisted."""
-        mig = self.db.get_migration(migration_id)
-        if not mig["flow_uuid"]:
-            return []
-        try:
-            return engine.flow_atoms(mig["flow_uuid"])
-        except tf_exc.NotFound:
-            return []
-
-    def list_migrations(self, instance_id=None, status=None):
-        return self.db.list_migrations(instance_uuid=instance_id, status=status)
-
-    def show_migration(self, migration_id):
-        return self.db.get_migration(migration_id)
-
-    def list_hosts(self):
-        return self.db.list_hosts()
-
-    def list_instances(self, host=None):
-        return self.db.list_instances(host=host)

@@ -6,12 +6,14 @@ oslo.config is parsed again each call, and only options given on the
 command line become overrides, restored when the call ends, so whatever
 the caller already overrode (a test fixture, the demo) stays in force.
 Refused requests print ``error: <reason>`` and exit 2, never a traceback.
+Commands act as the cloud administrator unless ``--as-user USER
+--as-project PROJECT [--as-role ROLE ...]`` names another caller (roles
+default to ``member``), so a policy refusal can be seen from the terminal.
 """
 import argparse
 import contextlib
 import datetime
 import logging
-import re
 import sys
 import time
 
@@ -23,7 +25,8 @@ from rich.console import Console
 from rich.table import Table
 
 from migrateflow import api as api_mod
-from migrateflow import cli_moves, graph, scheduler, service, sweeper
+from migrateflow import cli_moves, graph, scheduler, service
+from migrateflow import context as context_mod
 from migrateflow import exceptions as exc
 from migrateflow.conf import CONF
 from migrateflow.states import LIVE_TERMINAL, MoveStatus
@@ -32,7 +35,6 @@ from migrateflow.states import LiveMigrationStatus as Status
 LOG = logging.getLogger(__name__)
 POLL_SECONDS = 0.1
 _UNSET = object()
-_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
 
 
 # -- configuration ----------------------------------------------------------------------
@@ -65,7 +67,7 @@ def masked_url(url):
 
 def scrub(text):
     """``text`` with any password of a URL in it replaced by ***."""
-    return _URL_PASSWORD.sub(r"\1***@", text)
+    return context_mod.mask(text)
 
 
 @contextlib.contextmanager
@@ -78,8 +80,9 @@ def _logging(args):
              logging.INFO if args.verbose or service else logging.WARNING)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(
-        "%(asctime)s %(levelname)s %(name)s: %(message)s" if service
-        else "%(levelname)s %(name)s: %(message)s"))
+        context_mod.LOG_FORMAT if service else "%(levelname)s %(name)s [request="
+        "%(request_id)s migration=%(migration_id)s] %(message)s"))
+    handler.addFilter(context_mod.ContextFilter())
     handler.setLevel(level)
     root, tf_log = logging.getLogger(), logging.getLogger("taskflow")
     saved = root.level, tf_log.level
@@ -209,7 +212,7 @@ def cmd_instance_list(args, console, api):
 
 def cmd_migration_list(args, console, api):
     if args.stuck:
-        migrations = sweeper.find_stuck()
+        migrations = api.stuck_migrations()
         title = (f"Stuck migrations (transitional, untouched for more than "
                  f"{CONF.jobboard.stuck_after} s): {len(migrations)}")
     else:
@@ -225,7 +228,7 @@ def cmd_migration_list(args, console, api):
 
 
 def cmd_sweep(args, console, api):
-    done = sweeper.sweep()
+    done = api.sweep()
     for migration_id, action in done:
         print(f"{migration_id}: {action}")
     print(f"{len(done)} stuck migration(s) handled")
@@ -298,6 +301,12 @@ def build_parser():
         help="sets [DEFAULT] state_path (default ./migrateflow-state)")
     opt("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
     opt("--debug", action="store_true", default=argparse.SUPPRESS)
+    opt("--as-user", metavar="USER", default=argparse.SUPPRESS,
+        help="act as this user (with --as-project; default: the administrator)")
+    opt("--as-project", metavar="PROJECT", default=argparse.SUPPRESS,
+        help="the project of --as-user")
+    opt("--as-role", metavar="ROLE", action="append", default=argparse.SUPPRESS,
+        help="a role of --as-user (repeatable; default: member)")
     parser = argparse.ArgumentParser(prog="migrateflow", parents=[common],
                                      description="Move virtual machines between hosts.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -343,6 +352,23 @@ def build_parser():
     return parser
 
 
+def _caller(args):
+    """The request context the command acts in: the administrator's
+    unless --as-user / --as-project name another caller."""
+    user, project = getattr(args, "as_user", None), getattr(args, "as_project", None)
+    roles = getattr(args, "as_role", None)
+    if user is None and project is None:
+        if roles:
+            raise exc.InvalidRequest("--as-role needs --as-user and --as-project")
+        return None
+    if user is None or project is None:
+        raise exc.InvalidRequest("--as-user and --as-project go together")
+    ctx = context_mod.make_context(user, project, roles or ["member"])
+    LOG.info("acting as user=%s project=%s roles=%s request=%s", ctx.user_id,
+             ctx.project_id, ",".join(ctx.roles), ctx.request_id)
+    return ctx
+
+
 def main(argv=None):
     """Run one command; returns the exit status (0 ok, 1 failed, 2 refused)."""
     try:
@@ -365,7 +391,7 @@ def main(argv=None):
         with _logging(args), config_overrides(overrides):
             LOG.info("state database: %s", masked_url(CONF.database.connection)
                      if CONF.database.connection else f"SQLite under {CONF.state_path}")
-            return args.func(args, console, api_mod.MigrationAPI()) or 0
+            return args.func(args, console, api_mod.MigrationAPI(context=_caller(args))) or 0
     except exc.MigrateflowError as err:
         print(f"error: {err.message}", file=sys.stderr)
         return 2

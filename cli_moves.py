@@ -157,19 +157,19 @@ def cmd_host_set(args, console, api):
 
 
 def cmd_flavor_create(args, console, api):
-    flavor = api.db.create_flavor(args.name, memory_mb=args.memory_mb, vcpus=args.vcpus,
-                                  disk_gb=args.disk_gb)
+    flavor = api.create_flavor(args.name, memory_mb=args.memory_mb, vcpus=args.vcpus,
+                               disk_gb=args.disk_gb)
     print(f"flavor {flavor['name']}: {flavor['memory_mb']} MiB, {flavor['vcpus']} vCPUs, "
           f"{flavor['disk_gb']} GB")
 
 
 def cmd_flavor_list(args, console, api):
-    for f in api.db.list_flavors():
+    for f in api.list_flavors():
         print(f"{f['name']}\t{f['memory_mb']} MiB\t{f['vcpus']} vCPUs\t{f['disk_gb']} GB")
 
 
 def cmd_quota_set(args, console, api):
-    api.db.set_quota(args.project, args.resource, args.limit)
+    api.set_quota(args.project, args.resource, args.limit)
     print(f"project {args.project}: {args.resource} limit "
           f"{args.limit if args.limit is not None else 'removed'}")
 

@@ -24,7 +24,7 @@ from taskflow.persistence import models as tf_models
 from taskflow.persistence.backends import impl_memory, impl_zookeeper
 from taskflow.utils import persistence_utils as p_utils
 
-from migrateflow import graph, lifecycle, persistence
+from migrateflow import flow_events, graph, lifecycle, persistence
 from migrateflow.conf import CONF
 from migrateflow.db import api as db_api
 from migrateflow.states import (FLOW_ENDED, LIVE_TERMINAL, TRANSITIONAL,
@@ -172,6 +172,7 @@ def _run_engine(engine, migration_id, listeners=()):
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(StepMirror(engine, migration_id))
+            stack.enter_context(flow_events.FlowEvents(engine))
             for factory in listeners:
                 stack.enter_context(factory(engine))
             engine.run()
@@ -328,6 +329,7 @@ class MigrationConductor(nonblocking.NonBlockingConductor):
         migration_id = (job.details or {}).get("migration_id")
         if migration_id:
             listeners.append(StepMirror(engine, migration_id))
+        listeners.append(flow_events.FlowEvents(engine))
         return listeners
 
     def _dispatch_job(self, job):

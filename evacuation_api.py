@@ -12,7 +12,7 @@ import logging
 
 from migrateflow import drivers
 from migrateflow import exceptions as exc
-from migrateflow import scheduler
+from migrateflow import policy, scheduler
 from migrateflow.db import api as db_api
 from migrateflow.flows import evacuation
 from migrateflow.keys import StoreKey
@@ -56,8 +56,9 @@ class EvacuationOps:
         stopped or in error.  The record ends ``done`` (``completed`` once the
         source destroyed its copy) or ``failed`` (rolled back: the instance
         in vm_state error on its source, to be evacuated again)."""
-        mig, store = self._accept_evacuation(instance_id, host)
-        return self._launch(evacuation.build, store, mig, wait)
+        with self._caller(policy.EVACUATE):
+            mig, store = self._accept_evacuation(instance_id, host)
+            return self._launch(evacuation.build, store, mig, wait)
 
     def _accept_evacuation(self, instance_id, host, reserved=(), reserved_only=False):
         db = self.db
@@ -136,6 +137,10 @@ class EvacuationOps:
         [{instance, name, migration, status, dest, error}]}; an instance
         refused before anything started has status ``refused``.
         """
+        with self._caller(policy.HOST_EVACUATE):
+            return self._evacuate_host(host, recovery_method, reserved_hosts, progress)
+
+    def _evacuate_host(self, host, recovery_method, reserved_hosts, progress):
         reserved = self._accept_host_evacuation(host, recovery_method, reserved_hosts)
         if recovery_method != "auto":
             for name in reserved:
@@ -205,6 +210,10 @@ class EvacuationOps:
         report per instance: {instance, name, action, migration, status,
         reason, error}; action is destroyed, started, running, left or
         failed."""
+        with self._caller(policy.HOST_UPDATE):
+            return self._host_started(host)
+
+    def _host_started(self, host):
         scheduler.validate_host_name(host)
         db = self.db
         source = db.get_host(host)

@@ -41,6 +41,10 @@ class QuotaExceeded(InvalidRequest):
     """The project's quota does not allow the request."""
 
 
+class Forbidden(InvalidRequest):
+    """The policy does not allow the caller to do this; nothing was changed."""
+
+
 class InvalidHostName(InvalidRequest):
     pass
 

@@ -107,8 +107,9 @@ def _count(value, default, name):
 def drain_host(api, host, *, per_host_limit=None, global_limit=None, cold_fallback=False,
                progress=None, processes=1):
     """Disable ``host`` (it stays so) and move every instance off it through
-    ``api.live_migrate``.  Limits: copies at once (None: configured; 0:
-    unlimited).  ``progress(done, total, result)`` follows each instance.
+    ``api.live_migrate`` (for ``api.context``, the drain's caller).
+    Limits: copies at once (None: configured; 0: unlimited).
+    ``progress(done, total, result)`` follows each instance.
     ``processes`` > 1: the workers are split between that many processes,
     to use more CPUs (the API's listeners then run there).  Returns {host,
     total, succeeded, failed, results: [{instance, name, method ("live",
@@ -170,7 +171,8 @@ def _run(api, instances, gate, cold_fallback, host, processes, threads):
             spawn, spec = _FORK.Process, api
         else:
             _SERVER.set_forkserver_preload(["migrateflow.api", "migrateflow.db.migration"])
-            spawn, spec = _SERVER.Process, (_settings(api.conf), api.listeners)
+            spawn, spec = _SERVER.Process, (_settings(api.conf), api.listeners,
+                                            api.context and api.context.to_store())
     workers = [spawn(target=_worker, name=f"drain-{host}-{i}", daemon=True,
                      args=(spec, gate, cold_fallback, threads, jobs, done))
                for i in range(processes)]
@@ -213,10 +215,12 @@ def _worker(spec, gate, cold_fallback, threads, jobs, done):
     it from (a fork server's child)."""
     if isinstance(spec, tuple):
         from migrateflow import api as mf_api
+        from migrateflow import context
         from migrateflow.conf import CONF
         for group, name, value in spec[0]:
             CONF.set_override(name, value, group=None if group == "DEFAULT" else group)
-        spec = mf_api.MigrationAPI(CONF, spec[1])
+        spec = mf_api.MigrationAPI(CONF, spec[1], spec[2] and
+                                   context.RequestContext.from_store(spec[2]))
     free = threading.Semaphore(threads)
 
     def finished(future, inst):

@@ -45,3 +45,6 @@ class StoreKey(enum.StrEnum):
     ON_SHARED_STORAGE = "on_shared_storage"
     #: the guest's power state after a step that (re)started it
     POWER_STATE = "power_state"
+    #: who asked: the request context as plain data (context.RequestContext
+    #: .to_store), so a resumed flow keeps its caller and request id
+    CONTEXT = "context"

@@ -9,7 +9,7 @@ import logging
 import time
 
 from migrateflow import exceptions as exc
-from migrateflow import scheduler
+from migrateflow import policy, scheduler
 from migrateflow.db.resizes import flavor_of
 from migrateflow.flows import confirm_resize, resize, revert_resize
 from migrateflow.keys import StoreKey
@@ -28,14 +28,16 @@ class ResizeOps:
         """Cold-migrate ``instance_id`` (active or stopped) to ``host`` or the
         best candidate; its flavor is kept.  The record ends ``finished``
         (confirm or revert it) or ``error`` (rolled back to the source)."""
-        return self._resize(instance_id, None, host, wait)
+        with self._caller(policy.MIGRATE):
+            return self._resize(instance_id, None, host, wait)
 
     def resize(self, instance_id, flavor, host=None, wait=True):
         """Resize ``instance_id`` to the flavor named ``flavor`` (on another
         host, or the same one with allow_resize_to_same_host)."""
-        if not isinstance(flavor, str) or not flavor:
-            raise exc.InvalidRequest(f"malformed flavor name {flavor!r}")
-        return self._resize(instance_id, flavor, host, wait)
+        with self._caller(policy.RESIZE, self._instance_project(instance_id)):
+            if not isinstance(flavor, str) or not flavor:
+                raise exc.InvalidRequest(f"malformed flavor name {flavor!r}")
+            return self._resize(instance_id, flavor, host, wait)
 
     def _resize(self, instance_id, flavor_name, host, wait):
         mig, store = self._accept_resize(instance_id, flavor_name, host)
@@ -148,6 +150,10 @@ class ResizeOps:
     def confirm_resize(self, migration_id, wait=True):
         """finished → confirming → confirmed: the source guest is destroyed
         and the source's resources released."""
+        with self._caller(policy.CONFIRM_RESIZE, self._migration_project(migration_id)):
+            return self._confirm_resize(migration_id, wait)
+
+    def _confirm_resize(self, migration_id, wait):
         mig = self._claim_finished(migration_id, MoveStatus.CONFIRMING, "confirmed")
         store = {StoreKey.MIGRATION_ID: migration_id,
                  StoreKey.INSTANCE_ID: mig["instance_uuid"],
@@ -159,6 +165,10 @@ class ResizeOps:
     def revert_resize(self, migration_id, wait=True):
         """finished → reverting → reverted: the destination guest is
         destroyed, the source guest restarted with the old flavor."""
+        with self._caller(policy.REVERT_RESIZE, self._migration_project(migration_id)):
+            return self._revert_resize(migration_id, wait)
+
+    def _revert_resize(self, migration_id, wait):
         mig = self._claim_finished(migration_id, MoveStatus.REVERTING, "reverted")
         inst = self.db.get_instance(mig["instance_uuid"])
         self.db.update_instance(mig["instance_uuid"], task_state=TaskState.RESIZE_REVERTING)

@@ -42,6 +42,10 @@ setup(
         # ZooKeeper client of the jobboard and of the zookeeper persistence
         # backend (TaskFlow's own "zookeeper" extra asks for kazoo>=2.6.0)
         "kazoo>=2.6",
+        # issue 6: callers, policy and notifications in the ecosystem's forms
+        "oslo.context>=5.0",
+        "oslo.policy>=4.0",
+        "oslo.messaging>=14.0",
     ],
     extras_require={
         # libvirt-python builds from source: tools/test-all.sh installs the
@@ -53,6 +57,9 @@ setup(
     entry_points={
         "console_scripts": ["migrateflow = migrateflow.cli:main"],
         "oslo.config.opts": ["migrateflow = migrateflow.conf:list_opts"],
+        # oslopolicy-sample-generator / -policy-generator --namespace migrateflow
+        "oslo.policy.policies": ["migrateflow = migrateflow.policy:list_rules"],
+        "oslo.policy.enforcer": ["migrateflow = migrateflow.policy:get_enforcer"],
         "migrateflow.drivers": [
             "fake = migrateflow.drivers.fake:FakeDriver",
             "libvirt = migrateflow.drivers.libvirt:LibvirtDriver",

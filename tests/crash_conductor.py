@@ -68,6 +68,8 @@ def parse_args(argv):
     parser.add_argument("--kill-on-job-status", metavar="STATUS",
                         help="SIGKILL self when get_migration_job returns STATUS")
     parser.add_argument("--journal", metavar="FILE", help="append state changes here")
+    parser.add_argument("--events", metavar="FILE",
+                        help="append every notification (JSON, one a line) here")
     parser.add_argument("--label", default=None,
                         help="name of this conductor in the journal (default: pid)")
     parser.add_argument("--wait-timeout", type=float, default=None,
@@ -153,6 +155,11 @@ def run(args):
             raise SystemExit("bad --kill-at %r: NAME:STATE expected" % args.kill_at)
     journal_fd = (os.open(args.journal, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
                   if args.journal else None)
+    if args.events:
+        from migrateflow import notifications
+        events_fd = os.open(args.events, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        notifications.subscribe(lambda message: os.write(events_fd, (json.dumps(
+            dict(message, label=label)) + "\n").encode()))
 
     def kill(why):
         _log("SIGKILL self: " + why)

@@ -41,6 +41,7 @@ class Env:
         self.uuid = instance["uuid"]
         self.api = api_mod.MigrationAPI()
         self.journal = str(tmp_path / "journal")
+        self.events = None  # a file: the conductors append their notifications
         self.config = str(tmp_path / "migrateflow.conf")
         self.conductors = []
         conductor_config(CONF, tmp_path / "migrateflow.conf", hosts=zk_hosts,
@@ -53,6 +54,8 @@ class Env:
             argv += ["--kill-at", kill_at]
         if kill_on_job_status:
             argv += ["--kill-on-job-status", kill_on_job_status]
+        if self.events:
+            argv += ["--events", self.events]
         cond = self.zygote.spawn(label, argv, str(self.tmp / f"conductor-{label}.log"))
         self.conductors.append(cond)
         return cond

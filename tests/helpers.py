@@ -108,6 +108,7 @@ compute_driver = {conf.compute_driver}
 connection = {conf.database.connection}
 [fake_driver]
 state_file = {conf.fake_driver.state_file}
+time_scale = {conf.fake_driver.time_scale}
 [persistence]
 backend = {conf.persistence.backend}
 [migration]
@@ -119,7 +120,8 @@ hosts = {hosts or ",".join(conf.jobboard.hosts)}
 path = {conf.jobboard.path}
 session_timeout = {session_timeout or conf.jobboard.session_timeout}
 stuck_after = 3600
-""")
+""" + (f"[notifications]\nnotify_on_state_change = {conf.notifications.notify_on_state_change}\n"
+       if conf.notifications.notify_on_state_change else ""))
     return str(path)
 
 

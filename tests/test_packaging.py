@@ -72,5 +72,20 @@ def test_sample_config_generation(tmp_path):
                             ("allow_resize_to_same_host", "false"),
                             ("resize_confirm_window", "0")]:
         assert f"#{option} = {default}" in text
-    for group in ("[migration]", "[persistence]", "[jobboard]", "[database]", "[fake_driver]"):
+    for group in ("[migration]", "[persistence]", "[jobboard]", "[database]", "[fake_driver]",
+                  "[notifications]"):
         assert group in text
+    assert "#notify_on_state_change = <None>" in text
+
+
+def test_sample_config_of_the_project_file_has_policy_and_messaging(tmp_path):
+    out = tmp_path / "migrateflow.conf.sample"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([os.path.join(os.path.dirname(sys.executable), "oslo-config-generator"),
+                    "--config-file", os.path.join(root, "etc",
+                                                  "migrateflow-config-generator.conf"),
+                    "--output-file", str(out)], check=True, cwd=tmp_path)
+    text = out.read_text()
+    for group in ("[notifications]", "[oslo_policy]", "[oslo_messaging_notifications]"):
+        assert group in text
+    assert "#policy_file = policy.yaml" in text
