@@ -11,8 +11,9 @@ from migrateflow.conf import CONF
 from migrateflow.db import api as db_api
 
 #: a real ZooKeeper server for the jobboard and ZooKeeper persistence tests; the
-#: crash matrices' fork server of conductors; the libvirt + QEMU lab
-pytest_plugins = ["zk_fixtures", "crash_harness", "libvirt_lab"]
+#: crash matrices' fork server of conductors; the libvirt + QEMU lab; the
+#: evacuation tests' dead host
+pytest_plugins = ["zk_fixtures", "crash_harness", "libvirt_lab", "evacuation_world"]
 
 
 @pytest.fixture(scope="session")
