@@ -28,6 +28,19 @@ OPTS = [
     cfg.IntOpt("live_migration_bandwidth", default=0, min=0,
                help="Maximum bandwidth in MiB/s; 0 means the hypervisor's "
                     "default."),
+    cfg.BoolOpt("live_migration_escalation", default=True,
+                help="Watch the copy for non-convergence (dirty rate at or "
+                     "above the transfer rate, memory left to copy not "
+                     "shrinking) and escalate step by step: the maximum "
+                     "downtime at once, then auto-converge (only if the job "
+                     "was started with it: libvirt cannot switch it on during "
+                     "a job), then post-copy when permitted; the completion "
+                     "timeout stays the backstop.  False: the reference "
+                     "policy (Nova's downtime ramp, completion timeout, "
+                     "timeout action)."),
+    cfg.IntOpt("live_migration_escalation_iterations", default=3, min=1,
+               help="Consecutive copy iterations that do not converge before "
+                    "the next escalation step."),
     cfg.FloatOpt("live_migration_poll_interval", default=0.5, min=0,
                  help="Seconds between two looks at a running migration job."),
     cfg.IntOpt("post_migration_attempts", default=3, min=1,

@@ -41,6 +41,7 @@ Evacuation (the source host is down):
 A *flavor* is {"name", "memory_mb", "vcpus", "disk_gb"}.
 """
 import abc
+import time
 
 from migrateflow import exceptions
 
@@ -78,7 +79,9 @@ class MigrationJob(dict):
     ``memory_total_mb``, ``memory_processed_mb``, ``memory_remaining_mb``,
     ``dirty_rate_mbps``, ``iteration``, ``time_elapsed`` (seconds of the
     job's own clock), ``downtime_ms`` (set when completed), ``post_copy``
-    (True once switched), ``throttle_pct`` (auto-converge), ``error``.
+    (True once switched), ``throttle_pct`` (auto-converge), ``error``;
+    optionally ``bandwidth_mbps`` (the transfer rate the hypervisor
+    measured; the convergence check measures it from samples otherwise).
     """
 
 
@@ -166,6 +169,12 @@ class ComputeDriver(abc.ABC):
         """Return the MigrationJob of the instance's migration from source,
         or None when the source has no job for it (never started, or ended
         and forgotten)."""
+
+    def wait_for_migration_job(self, source, instance, timeout):
+        """Wait ``timeout`` seconds before the engine looks at the job
+        again; a driver that knows when a job ends may return sooner (the
+        move is then noticed at once).  Default: sleep."""
+        time.sleep(timeout)
 
     @abc.abstractmethod
     def live_migration_set_downtime(self, source, instance, downtime_ms):

@@ -2,9 +2,13 @@
 
 The watch loop is the engine's, not the driver's, so every driver gets the
 same progress records, downtime steps, completion timeout, operator abort
-and force-complete.  A re-run after a crash looks at the hypervisors first:
-a job still running is watched again, a guest already on the destination
-is done; only when neither holds is a new job started.
+and force-complete, and, with ``[migration] live_migration_escalation``,
+the convergence escalation (tasks/convergence.py: a copy that does not
+converge gets the maximum downtime, then post-copy when permitted, instead
+of waiting for the completion timeout).  A re-run after a crash looks at
+the hypervisors first: a job still running is watched again, a guest
+already on the destination is done; only when neither holds is a new job
+started.
 
 The copy may be gated: whoever limits how many copies run at once
 (``hostops.drain_host``) registers a gate for the instance before asking
@@ -22,7 +26,7 @@ from migrateflow import lifecycle
 from migrateflow.conf import CONF
 from migrateflow.states import LiveMigrationStatus as Status
 from migrateflow.states import PowerState
-from migrateflow.tasks import base
+from migrateflow.tasks import base, convergence
 
 _ACTIVE = [Status.PREPARING, Status.RUNNING]
 #: seconds between two looks at an operator abort while waiting for a gate
@@ -157,6 +161,7 @@ class LiveMigrate(base.MigrationTask):
         timeout = opts.live_migration_completion_timeout * size
         next_step = 1
         forced = False
+        ladder = self._ladder(migration_id, steps) if opts.live_migration_escalation else None
         while True:
             job = drv.get_migration_job(source_host, inst)
             if job is None:
@@ -172,8 +177,13 @@ class LiveMigrate(base.MigrationTask):
                                       f"{job.get('error') or 'no reason given'}")
             elapsed = job["time_elapsed"]
             while next_step < len(steps) and elapsed >= steps[next_step][0]:
-                drv.live_migration_set_downtime(source_host, inst, steps[next_step][1])
+                if ladder is None or not ladder.raised_downtime:
+                    drv.live_migration_set_downtime(source_host, inst, steps[next_step][1])
+                    if ladder is not None:
+                        ladder.ramp_step(steps[next_step][1])
                 next_step += 1
+            if ladder is not None and not forced:
+                forced = self._escalate(drv, migration_id, inst, source_host, ladder, job)
             mig = self.db.get_migration(migration_id)
             if mig["abort_requested"] and not job["post_copy"]:
                 drv.live_migration_abort(source_host, inst)
@@ -196,7 +206,36 @@ class LiveMigrate(base.MigrationTask):
                          "conductor re-attaches", migration_id)
                 raise lifecycle.Detach()
             if opts.live_migration_poll_interval:
-                time.sleep(opts.live_migration_poll_interval)
+                drv.wait_for_migration_job(source_host, inst,
+                                           opts.live_migration_poll_interval)
+
+    def _ladder(self, migration_id, steps):
+        """The escalation policy of this watch; a re-attached watch goes on
+        from the rungs the migration record says were reached."""
+        opts = CONF.migration
+        note = self.db.get_migration(migration_id)["scheduler_notes"].get(
+            convergence.NOTE_KEY)
+        return convergence.Escalation(
+            opts.live_migration_escalation_iterations, opts.live_migration_downtime,
+            steps[0][1], opts.live_migration_permit_post_copy, note=note)
+
+    def _escalate(self, drv, migration_id, inst, source_host, ladder, job):
+        """Climb the ladder as far as this look at the job says; True once
+        the job was switched to post-copy.  Each step is recorded before it
+        is carried out: a crash in between must not hide that it was asked."""
+        forced = False
+        for step in ladder.observe(job):
+            self.log(logging.WARNING, "copy not converging: escalation", migration_id,
+                     rung=step.rung, outcome=step.outcome, iteration=step.iteration,
+                     detail=repr(step.why))
+            self.db.add_scheduler_note(migration_id, convergence.NOTE_KEY,
+                                       ladder.taken(step))
+            if step.outcome == convergence.APPLY and step.rung == convergence.DOWNTIME:
+                drv.live_migration_set_downtime(source_host, inst, ladder.max_downtime_ms)
+            elif step.outcome == convergence.APPLY and step.rung == convergence.POST_COPY:
+                drv.live_migration_force_complete(source_host, inst)
+                forced = True
+        return forced
 
     def _record(self, migration_id, job):
         self.db.update_migration(

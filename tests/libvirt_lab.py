@@ -30,8 +30,11 @@ import servers
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAB_SCRIPT = os.path.join(ROOT, "tools", "libvirt-lab", "lab.sh")
 HOSTS = ("lab-a", "lab-b")
-#: first port of each daemon's range for incoming migrations (and NBD)
-MIGRATION_PORTS = {"lab-a": 49152, "lab-b": 49168}
+#: first port of each daemon's range for incoming migrations (and NBD):
+#: below Linux's ephemeral range (32768-60999), where an outgoing
+#: connection of anything on the machine can hold a port (libvirt's default,
+#: 49152-49215, lies inside it: "Failed to find an available port")
+MIGRATION_PORTS = {"lab-a": 24152, "lab-b": 24168}
 NEEDED = ("libvirtd", "virsh", "qemu-system-x86_64", "unshare", "gcc", "cpio", "dpkg-deb")
 
 

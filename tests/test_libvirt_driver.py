@@ -3,6 +3,8 @@ paths, migration flags and parameters, job statistics, domain XML edits,
 sparse copies, configuration.  (The contract suite runs the driver on
 libvirt's test driver; the lab tests on real daemons.)"""
 import os
+import threading
+import time
 import xml.etree.ElementTree as ET
 
 import libvirt
@@ -136,6 +138,7 @@ RUNNING_STATS = {
     "time_elapsed": 2500, "memory_total": 512 * MIB, "memory_processed": 300 * MIB,
     "memory_remaining": 212 * MIB, "memory_dirty_rate": 25600, "memory_page_size": 4096,
     "memory_iteration": 3, "auto_converge_throttle": 30, "downtime": 120,
+    "memory_bps": 40 * MIB,
 }
 
 
@@ -145,13 +148,34 @@ def test_running_job_view():
         "status": "running", "memory_total_mb": 512.0, "memory_processed_mb": 300.0,
         "memory_remaining_mb": 212.0, "dirty_rate_mbps": 100.0, "iteration": 3,
         "time_elapsed": 2.5, "downtime_ms": None, "post_copy": False, "throttle_pct": 30,
-        "error": None}
+        "error": None, "bandwidth_mbps": 40.0}
 
 
 def test_completed_job_view_has_the_downtime():
     stats = dict(RUNNING_STATS, type=libvirt.VIR_DOMAIN_JOB_COMPLETED, memory_remaining=0)
     job = jobs.job_view(stats, "completed", post_copy=True)
     assert (job["downtime_ms"], job["memory_remaining_mb"], job["post_copy"]) == (120, 0, True)
+
+
+def test_the_bandwidth_is_unknown_until_qemu_measured_it():
+    assert jobs.job_view(dict(RUNNING_STATS, memory_bps=0), "running")["bandwidth_mbps"] is None
+
+
+def test_waiting_for_a_job_of_this_process_ends_with_its_thread():
+    """The watch's pause between two looks ends as soon as the thread that
+    runs migrateToURI3 returns; without such a thread it is a plain sleep."""
+    driver = LibvirtDriver(Settings())
+    done = threading.Event()
+    thread = threading.Thread(target=done.wait, args=(5,), daemon=True)
+    thread.start()
+    driver._threads[("node-1", "uuid-1")] = {"thread": thread, "downtime_ms": None}
+    threading.Timer(0.1, done.set).start()
+    started = time.monotonic()
+    driver.wait_for_migration_job("node-1", {"uuid": "uuid-1"}, 5.0)
+    assert time.monotonic() - started < 2.0
+    started = time.monotonic()
+    driver.wait_for_migration_job("node-1", {"uuid": "uuid-2"}, 0.2)
+    assert time.monotonic() - started >= 0.2
 
 
 def test_job_being_set_up_and_ended_job_without_figures():

@@ -78,6 +78,9 @@ def job_view(stats, status, post_copy=False, error=None, memory_mb=0):
         post_copy=bool(post_copy),
         throttle_pct=int(stats.get("auto_converge_throttle", 0)),
         error=error,
+        # what the copy moves now (the engine's escalation weighs the dirty rate
+        # against it); None before QEMU measured it
+        bandwidth_mbps=stats["memory_bps"] / MIB if stats.get("memory_bps") else None,
     )
 
 
