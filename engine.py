@@ -24,7 +24,7 @@ from taskflow.persistence import models as tf_models
 from taskflow.persistence.backends import impl_memory, impl_zookeeper
 from taskflow.utils import persistence_utils as p_utils
 
-from migrateflow import flow_events, graph, lifecycle, persistence
+from migrateflow import flow_events, graph, lifecycle, persistence, serial_engine
 from migrateflow.conf import CONF
 from migrateflow.db import api as db_api
 from migrateflow.states import (FLOW_ENDED, LIVE_TERMINAL, TRANSITIONAL,
@@ -81,9 +81,21 @@ def _make_backend(key, conf):
     return backend
 
 
+def _after_fork_in_child():
+    """A forked child (a drain's worker) gets connection pools of its own
+    for the SQL flow persistence (see ``db.engine``)."""
+    for backend in list(_backends.values()):
+        if isinstance(backend, persistence.SQLBackend):
+            backend.engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def reset():
-    """Forget cached backends and boards (tests point the configuration
-    elsewhere)."""
+    """Forget cached backends, boards and built flows (tests point the
+    configuration elsewhere)."""
+    serial_engine.forget_flows()
     with _backends_lock:
         for board in _boards.values():
             board.close()
@@ -122,14 +134,11 @@ def run(factory, store, migration_id, factory_args=(), listeners=()):
     Returns nothing; raises what the flow raised.  The migration record is
     never left in a transitional status: see ``settle``.
     """
-    backend = get_backend()
-    book = _new_book(migration_id)
-    engine = taskflow.engines.load_from_factory(
-        factory, factory_args=list(factory_args),
-        store={str(key): value for key, value in store.items()}, backend=backend,
-        book=book, engine="serial")
-    db_api.get_db().update_migration(migration_id, flow_uuid=engine.storage.flow_uuid)
-    _run_engine(engine, migration_id, listeners)
+    engine = serial_engine.load(factory, store, _new_book(migration_id), get_backend(),
+                                factory_args)
+    db_api.get_db().update_migration(migration_id, flow_uuid=engine.storage.flow_uuid,
+                                     owner=process_id())
+    _run_engine(engine, migration_id, listeners, owner_recorded=True)
 
 
 def resume(migration_id, listeners=()):
@@ -146,8 +155,8 @@ def resume(migration_id, listeners=()):
         flow_detail = conn.get_flow_details(mig["flow_uuid"])
     if flow_detail.state in _FLOW_DONE:
         return False
-    engine = taskflow.engines.load_from_detail(flow_detail, backend=backend,
-                                               engine="serial")
+    engine = serial_engine.Engine(taskflow.engines.flow_from_detail(flow_detail),
+                                  flow_detail, backend)
     _run_engine(engine, migration_id, listeners)
     return True
 
@@ -164,13 +173,15 @@ def running_here():
         return set(_running)
 
 
-def _run_engine(engine, migration_id, listeners=()):
+def _run_engine(engine, migration_id, listeners=(), owner_recorded=False):
     started = time.monotonic()
-    db_api.get_db().update_migration(migration_id, owner=process_id())
+    if not owner_recorded:
+        db_api.get_db().update_migration(migration_id, owner=process_id())
     with _running_lock:
         _running.add(migration_id)
     try:
         with contextlib.ExitStack() as stack:
+            stack.enter_context(serial_engine.running(engine))
             stack.enter_context(StepMirror(engine, migration_id))
             stack.enter_context(flow_events.FlowEvents(engine))
             for factory in listeners:

@@ -11,6 +11,7 @@ only new or changed rows.  SQLite: see :func:`tune_sqlite_engine`.
 import datetime
 import json
 import random
+import sqlite3
 import threading
 import time
 
@@ -30,9 +31,9 @@ from migrateflow.db.sqlite import SQLITE_BEGIN_OPTION, tune_sqlite_engine  # noq
 
 try:
     from oslo_db import exception as _db_exc
-    _DB_ERRORS = (sa_exc.SQLAlchemyError, _db_exc.DBError)
+    _DB_ERRORS = (sa_exc.SQLAlchemyError, _db_exc.DBError, sqlite3.Error)
 except ImportError:  # pragma: no cover - oslo.db is a dependency
-    _db_exc, _DB_ERRORS = None, (sa_exc.SQLAlchemyError,)
+    _db_exc, _DB_ERRORS = None, (sa_exc.SQLAlchemyError, sqlite3.Error)
 
 _JSON = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
 METADATA = sa.MetaData()
@@ -120,7 +121,11 @@ def _one(conn, stmt, uuid, kind):
 
 
 def _retryable(err):
-    if _db_exc is not None and isinstance(err, _db_exc.DBDeadlock):
+    if _db_exc is not None and isinstance(err, (_db_exc.DBDeadlock, _db_exc.DBConnectionError)):
+        return True  # a new attempt gets a new connection
+    if isinstance(err, sa_exc.PendingRollbackError):
+        return True  # the connection was lost inside the transaction
+    if isinstance(err, sa_exc.DBAPIError) and err.connection_invalidated:
         return True
     msg = str(getattr(err, "orig", None) or err).lower()
     return any(marker in msg for marker in _RETRY_MARKERS)
@@ -193,19 +198,27 @@ class Connection(base.Connection):
     def _run(self, write, what, fn, *args):
         """``fn(conn, *args)``, in a write transaction if ``write``.
 
-        Lock conflicts and deadlocks are retried briefly (SQLite has already
-        waited up to busy_timeout in a failed attempt that took long: those
-        are not); other database errors raise StorageFailure.
+        Lock conflicts, deadlocks and lost connections are retried briefly
+        (SQLite has already waited up to busy_timeout in a failed attempt
+        that took long: those are not); other database errors raise
+        StorageFailure.
         """
         engine = self._backend._engine if write else self._backend._reader
+
+        def attempt():
+            with engine.connect() as conn:
+                if not write:
+                    return fn(conn, *args)
+                with conn.begin():
+                    return fn(conn, *args)
+        return self._retrying(what, attempt)
+
+    @staticmethod
+    def _retrying(what, attempt_fn):
         deadline = time.monotonic() + 2.0
         for attempt in range(8):
             try:
-                with engine.connect() as conn:
-                    if not write:
-                        return fn(conn, *args)
-                    with conn.begin():
-                        return fn(conn, *args)
+                return attempt_fn()
             except _DB_ERRORS as e:
                 if attempt < 7 and time.monotonic() < deadline and \
                         _retryable(e):
@@ -229,25 +242,30 @@ class Connection(base.Connection):
             conn.execute(table.delete()) for table in (_AD, _FD, _LB)])
 
     def update_atom_details(self, atom_detail):
-        ad, (sql, order, sqlite) = atom_detail, self._backend._upd_ad
+        ad, (sql, order, on_sqlite) = atom_detail, self._backend._upd_ad
         now = _now()
         try:
             row = {"b_uuid": ad.uuid, "b_type": models.atom_detail_type(ad),
                    "state": ad.state, "data": _encode(ad.to_dict()),
                    # as SQLAlchemy's SQLite DateTime would bind it
                    "updated_at": now.isoformat(" ", "microseconds")
-                   if sqlite else now}
+                   if on_sqlite else now}
         except (TypeError, ValueError):
             exc.raise_with_cause(exc.StorageFailure,
                                  "Cannot serialize atom '%s'" % ad.uuid)
         params = row if order is None else tuple(row[k] for k in order)
 
-        def update(conn):
+        what = "updating atom details '%s'" % ad.uuid
+        if on_sqlite and self._retrying(what, lambda: sqlite.execute_raw(
+                self._backend._engine, sql, params, write=True)):
+            return type(ad)(ad.name, ad.uuid).update(ad)
+
+        def update(conn):  # elsewhere, or nothing updated: say why
             if conn.exec_driver_sql(sql, params).rowcount == 0:
                 found = _one(conn, _SEL_AD, ad.uuid, "atom details")
                 raise exc.NotImplementedError("Atom '%s' is stored as %s"
                                               % (ad.uuid, found.atom_type))
-        self._run(True, "updating atom details '%s'" % ad.uuid, update)
+        self._run(True, what, update)
         return type(ad)(ad.name, ad.uuid).update(ad)
 
     def _save_flow(self, conn, fd, parent_uuid, now, new=False,
@@ -289,6 +307,19 @@ class Connection(base.Connection):
         if updates:
             conn.execute(_UPD_AD, updates)
         return merged
+
+    def update_flow_row(self, flow_detail):
+        """Write the flow's own row only (its state and metadata): for a
+        caller that knows each of its atoms is stored as it holds it.  Not
+        part of TaskFlow's connection API (see ``serial_engine.Storage``)."""
+        fd = flow_detail
+        row = {"state": fd.state, "data": _encode(fd.to_dict()),
+               "updated_at": _now(), "b_uuid": fd.uuid}
+
+        def update(conn):
+            if not conn.execute(_UPD_FD, row).rowcount:
+                raise exc.NotFound("No flow details found with uuid '%s'" % fd.uuid)
+        self._run(True, "updating flow details '%s'" % fd.uuid, update)
 
     def update_flow_details(self, flow_detail, ignore_missing=False):
         return self._run(True, "updating flow details '%s'" % flow_detail.uuid,

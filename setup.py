@@ -31,7 +31,10 @@ setup(
     packages=PACKAGES,
     package_data={"migrateflow.db.migrations": ["script.py.mako"]},
     install_requires=[
-        "taskflow>=6.0",
+        # engine.py subclasses TaskFlow's serial engine and storage (one
+        # write per atom transition, reused compilations): checked against
+        # 6.5 by tests/test_perf_engine.py and the crash matrices
+        "taskflow>=6.5,<7",
         "oslo.config>=9.0",
         "oslo.db>=17.0",
         "alembic>=1.13",

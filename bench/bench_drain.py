@@ -19,6 +19,11 @@ migration (controller and workers), the controller's peak memory (VmHWM)
 and the largest worker's.
 
     python bench/bench_drain.py [--quick] [--processes N]
+    python bench/bench_drain.py --serial 200
+
+``--serial N`` measures the engine's own cost apart from the drain's
+concurrency: N live migrations one after the other in this process with
+no simulated copy time (``time_scale`` 0), CPU ms per migration.
 """
 import argparse
 import json
@@ -103,6 +108,23 @@ def run_row(count, limit, processes):
                 "peak_copies": peak, "mean_copy_s": mean_copy}
 
 
+def serial_cpu_ms(count):
+    """CPU ms per live migration, ``count`` of them one after the other."""
+    with tempfile.TemporaryDirectory() as workdir:
+        configure(workdir)
+        CONF.set_override("time_scale", 0.0, group="fake_driver")
+        db, driver = build_cloud(count + 1)
+        client = mf_api.MigrationAPI()
+        first, *rest = db.list_instances(host="host-a")
+        client.live_migrate(first["uuid"])  # warm: imports, pools, the flow
+        cpu = time.process_time()
+        for inst in rest:
+            mig = client.live_migrate(inst["uuid"])
+            if mig["status"] != "completed":
+                sys.exit(f"migration failed: {mig['error']}")
+        return (time.process_time() - cpu) / count * 1000
+
+
 def _copies(timeline):
     """(most copies at once, mean copy in seconds) on the fake's timeline."""
     running = peak = 0
@@ -127,7 +149,13 @@ def main():
                              "controller; default: two per CPU)")
     parser.add_argument("--row", nargs=2, type=int, metavar=("COUNT", "LIMIT"),
                         help=argparse.SUPPRESS)  # one row, in this process
+    parser.add_argument("--serial", type=int, metavar="N",
+                        help="only the CPU per migration of N serial migrations")
     args = parser.parse_args()
+    if args.serial:
+        print(f"serial: {serial_cpu_ms(args.serial):.1f} CPU ms per migration "
+              f"({args.serial} live migrations one after the other, no copy time)")
+        return
     if args.row:
         print(json.dumps(run_row(*args.row, args.processes)))
         return

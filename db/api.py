@@ -9,14 +9,34 @@ import json
 import os
 import uuid as uuidlib
 
+import sqlalchemy as sa
+
 from migrateflow import exceptions as exc
 from migrateflow.db import attachments, moves, resizes
 from migrateflow.db import engine as db_engine
+from migrateflow.db import sqlite
 from migrateflow.db import models as m
 from migrateflow.db.common import now as _now, retry as _retry, row as _row
 
-class _Ctx:
-    """A fresh request context for each enginefacade transaction."""
+_SEL_HOST = m.hosts.select().where(m.hosts.c.name == sa.bindparam("key"))
+_SEL_INSTANCE = m.instances.select().where(m.instances.c.uuid == sa.bindparam("key"))
+_raw_selects = {}
+
+
+def _columns(table):
+    return frozenset(table.c.keys())
+
+
+def _raw_select(table, column):
+    """(SQLite SELECT of a row by ``column``, column names, Boolean columns)."""
+    key = (table.name, column)
+    found = _raw_selects.get(key)
+    if found is None:
+        names = [c.name for c in table.columns]
+        found = _raw_selects[key] = (
+            f"SELECT {', '.join(names)} FROM {table.name} WHERE {column} = ?", names,
+            [c.name for c in table.columns if isinstance(c.type, sa.Boolean)])
+    return found
 
 
 def _host_dict(row):
@@ -32,25 +52,71 @@ class StateDB(moves.MigrationRecords, resizes.ResizeRecords, attachments.Attachm
     def __init__(self, url, synchronous="NORMAL"):
         self.url = url
         self._ctx = db_engine.get_context(url, synchronous)
+        self._engine = self._read_engine = None
 
     # -- plumbing -------------------------------------------------------------
+    # Every function is one transaction straight on the enginefacade's
+    # engine (its error translation and pool included): the facade's
+    # per-call context and transaction scope cost as much as the SQL itself.
+    # Reads begin DEFERRED on SQLite, so they never queue for the write lock.
     def _writer(self):
-        return self._ctx.writer.connection.using(_Ctx())
+        return self.engine.begin()
 
     def _reader(self):
-        return self._ctx.reader.connection.using(_Ctx())
+        if self._read_engine is None:
+            self._read_engine = self.engine.execution_options(
+                **{sqlite.SQLITE_BEGIN_OPTION: "DEFERRED"})
+        return self._read_engine.connect()
 
     @property
     def engine(self):
-        return self._ctx.writer.get_engine()
+        if self._engine is None:
+            self._engine = self._ctx.writer.get_engine()
+        return self._engine
 
-    def _fetch_one(self, query):
+    def _fetch_one(self, query, params=None):
         with self._reader() as conn:
-            return conn.execute(query).first()
+            return conn.execute(query, params).first()
 
-    def _fetch_all(self, query):
+    # The few statements every step of every flow runs (a migration, an
+    # instance or a host by key; a migration update) go straight to a
+    # pooled sqlite3 connection on SQLite (see ``sqlite.execute_raw``).
+    def _raw_sqlite(self):
+        return self.engine.dialect.name == "sqlite"
+
+    def _row_by(self, table, column, value, query):
+        """The row of ``table`` whose unique ``column`` is ``value`` as a
+        dict (None if none); ``query`` selects it elsewhere (bind "key")."""
+        if not self._raw_sqlite():
+            return _row(self._fetch_one(query, {"key": value}))
+        sql, names, booleans = _raw_select(table, column)
+        rows = sqlite.execute_raw(self.engine, sql, (value,))
+        if not rows:
+            return None
+        found = dict(zip(names, rows[0]))
+        for name in booleans:
+            if found[name] is not None:
+                found[name] = bool(found[name])
+        return found
+
+    def _raw_update(self, table, key_column, key, values, column=None, among=None):
+        """UPDATE ``table`` SET ``values`` WHERE ``key_column`` = ``key``
+        (and ``column`` IN ``among``) on SQLite; the row count, or None when
+        it must go through SQLAlchemy (another database, an unknown column)."""
+        if not self._raw_sqlite() or not set(values) <= _columns(table):
+            return None
+        names = list(values)
+        sql = (f"UPDATE {table.name} SET {', '.join(n + ' = ?' for n in names)} "
+               f"WHERE {key_column} = ?")
+        params = [values[n] for n in names] + [key]
+        if column is not None:
+            sql += f" AND {column} IN ({', '.join('?' * len(among))})"
+            params += list(among)
+        return sqlite.execute_raw(self.engine, sql, params, write=True)
+
+    def _fetch_all(self, query, params=None):
         with self._reader() as conn:
-            return [_row(r) for r in conn.execute(query)]
+            return [_row(r) for r in conn.execute(query, params)]
 
     # -- hosts ------------------------------------------------------------------
     @_retry
@@ -69,15 +135,21 @@ class StateDB(moves.MigrationRecords, resizes.ResizeRecords, attachments.Attachm
                 disabled=disabled, created_at=now, updated_at=now))
         return self.get_host(name)
 
+    @_retry
     def get_host(self, name):
-        host = _host_dict(self._fetch_one(m.hosts.select().where(m.hosts.c.name == name)))
+        host = self.find_host(name)
         if host is None:
             raise exc.HostNotFound(name)
         return host
 
+    @_retry
     def find_host(self, name):
-        return _host_dict(self._fetch_one(m.hosts.select().where(m.hosts.c.name == name)))
+        host = self._row_by(m.hosts, "name", name, _SEL_HOST)
+        if host is not None:
+            host["cpu_features"] = json.loads(host["cpu_features"])
+        return host
 
+    @_retry
     def list_hosts(self):
         with self._reader() as conn:
             rows = conn.execute(m.hosts.select().order_by(m.hosts.c.name))
@@ -163,13 +235,14 @@ class StateDB(moves.MigrationRecords, resizes.ResizeRecords, attachments.Attachm
             vcpus_used=h.vcpus_used - vcpus,
             disk_used_gb=h.disk_used_gb - disk_gb, updated_at=_now()))
 
+    @_retry
     def get_instance(self, instance_uuid):
-        inst = _row(self._fetch_one(
-            m.instances.select().where(m.instances.c.uuid == instance_uuid)))
+        inst = self._row_by(m.instances, "uuid", instance_uuid, _SEL_INSTANCE)
         if inst is None:
             raise exc.InstanceNotFound(instance_uuid)
         return inst
 
+    @_retry
     def list_instances(self, host=None):
         query = m.instances.select().order_by(m.instances.c.name)
         if host is not None:

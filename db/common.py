@@ -2,11 +2,21 @@
 import time
 
 from oslo_db import api as oslo_db_api
+from sqlalchemy import exc as sa_exc
+
+
+def lost_connection(err):
+    """A connection lost inside a transaction, as a listener of the ending
+    transaction meets it (SQLAlchemy refuses the invalidated connection
+    until rolled back; the connection error it follows is then lost)."""
+    return isinstance(err, sa_exc.PendingRollbackError)
+
 
 #: every public database function retries on deadlocks and lost connections
 retry = oslo_db_api.wrap_db_retry(max_retries=5, retry_interval=0.2,
                                   inc_retry_interval=True, retry_on_deadlock=True,
-                                  retry_on_disconnect=True)
+                                  retry_on_disconnect=True,
+                                  exception_checker=lost_connection)
 
 
 def now():

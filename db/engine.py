@@ -48,6 +48,22 @@ def get_context(url, synchronous="NORMAL"):
         return ctx
 
 
+def _after_fork_in_child():
+    """A forked child (a drain's worker) gets pools of its own: a database
+    connection must not be used by two processes (the parent keeps its own,
+    neither used nor closed here)."""
+    for ctx in list(_contexts.values()):
+        try:
+            engine = ctx.writer.get_engine() if ctx._factory._started else None
+        except Exception:  # noqa: BLE001 - not started: nothing pooled
+            engine = None
+        if engine is not None:
+            engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def forget(url):
     """Drop the cached context for ``url`` (tests delete their databases)."""
     with _lock:

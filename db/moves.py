@@ -7,7 +7,14 @@ import sqlalchemy as sa
 
 from migrateflow import exceptions as exc
 from migrateflow.db import models as m
-from migrateflow.db.common import now as _now, retry as _retry, row as _row
+from migrateflow.db.common import now as _now, retry as _retry
+
+_MIG = m.migrations.c
+_SEL_MIGRATION = m.migrations.select().where(_MIG.uuid == sa.bindparam("key"))
+#: the SET clause comes from the parameters' keys (compiled once per key set)
+_UPD_MIGRATION = m.migrations.update().where(_MIG.uuid == sa.bindparam("b_uuid"))
+_UPD_MIGRATION_FROM = _UPD_MIGRATION.where(
+    _MIG.status.in_(sa.bindparam("b_statuses", expanding=True)))
 
 
 class MigrationRecords:
@@ -62,13 +69,14 @@ class MigrationRecords:
                 created_at=now, updated_at=now))
         return self.get_migration(migration_uuid)
 
+    @_retry
     def get_migration(self, migration_uuid):
-        mig = _row(self._fetch_one(
-            m.migrations.select().where(m.migrations.c.uuid == migration_uuid)))
+        mig = self._row_by(m.migrations, "uuid", migration_uuid, _SEL_MIGRATION)
         if mig is None:
             raise exc.MigrationNotFound(migration_uuid)
         return _decode(mig)
 
+    @_retry
     def list_migrations(self, instance_uuid=None, status=None, statuses=None,
                         migration_type=None, source_host=None):
         query = m.migrations.select().order_by(m.migrations.c.created_at, m.migrations.c.id)
@@ -91,11 +99,17 @@ class MigrationRecords:
         Returns True when the row changed.
         """
         values["updated_at"] = _now()
-        query = m.migrations.update().where(m.migrations.c.uuid == migration_uuid)
+        count = self._raw_update(m.migrations, "uuid", migration_uuid, values) \
+            if expected_statuses is None else self._raw_update(
+                m.migrations, "uuid", migration_uuid, values, "status", list(expected_statuses))
+        if count is not None:
+            return count == 1
+        params = dict(values, b_uuid=migration_uuid)
+        query = _UPD_MIGRATION
         if expected_statuses is not None:
-            query = query.where(m.migrations.c.status.in_(list(expected_statuses)))
+            query, params["b_statuses"] = _UPD_MIGRATION_FROM, list(expected_statuses)
         with self._writer() as conn:
-            return conn.execute(query.values(**values)).rowcount == 1
+            return conn.execute(query, params).rowcount == 1
 
     @_retry
     def finish_migration(self, migration_uuid, instance_uuid, status, expected_statuses,
@@ -169,6 +183,7 @@ class MigrationRecords:
             self._release(conn, host, claim.memory_mb, claim.vcpus, claim.disk_gb)
         return True
 
+    @_retry
     def list_claims(self, host=None, migration_uuid=None):
         query = m.resource_claims.select().order_by(m.resource_claims.c.id)
         if host is not None:

@@ -26,6 +26,7 @@ def watch():
     now or later; an UPDATE of another table costs one isinstance)."""
     if event.contains(sa.engine.Engine, "before_execute", _before):
         return
+    event.listen(sa.engine.Engine, "begin", _rollback)  # nothing left of a lost one
     event.listen(sa.engine.Engine, "before_execute", _before)
     event.listen(sa.engine.Engine, "after_execute", _after)
     event.listen(sa.engine.Engine, "commit", _commit)
@@ -47,12 +48,16 @@ def _states(conn, where):
 
 
 def _before(conn, clauseelement, multiparams, params, execution_options):
+    if conn.invalidated:
+        return
     if isinstance(clauseelement, dml.Update) and clauseelement.table is m.instances \
             and _selected():
         conn.info[_BEFORE] = _states(conn, clauseelement.whereclause)
 
 
 def _after(conn, clauseelement, multiparams, params, execution_options, result):
+    if conn.invalidated:
+        return
     before = conn.info.pop(_BEFORE, None) if isinstance(clauseelement, dml.Update) else None
     if not before:
         return
@@ -66,12 +71,18 @@ def _after(conn, clauseelement, multiparams, params, execution_options, result):
 
 
 def _commit(conn):
+    if conn.invalidated:
+        return
     pending = conn.info.pop(_PENDING, None)
     if pending:
         conn.info.setdefault(_COMMITTED, []).extend(pending)
 
 
 def _rollback(conn):
+    """Forget the changes of the transaction (a connection lost in it has
+    no info left to read: its record is gone with it)."""
+    if conn.invalidated:
+        return
     conn.info.pop(_PENDING, None)
     conn.info.pop(_BEFORE, None)
 

@@ -1,6 +1,7 @@
 """SQLite fitted for concurrent durable writers, for the state database and
 the flow persistence alike: WAL, a busy timeout, a real connection pool,
 and ``BEGIN IMMEDIATE`` so writers queue instead of failing."""
+import os
 import sqlite3
 import threading
 import weakref
@@ -26,27 +27,111 @@ _tuned = weakref.WeakKeyDictionary()  # engine -> its tuning state
 _tune_lock = threading.Lock()
 
 
+# -- the writers' queue of this process, per database file ---------------------
+# SQLite lets one writer at a time into a file; the others sleep in its busy
+# handler (1, 2, 5, 10, ... 100 ms) and try again, so under load a writer
+# often sleeps long after the lock was free, and every failed try costs
+# CPU.  The writers of one process first queue on a plain lock per file
+# (woken as soon as it is free); SQLite's busy wait is left to writers of
+# other processes.  A writer that waited WRITER_QUEUE_TIMEOUT_S goes on
+# without it (SQLite's own wait then decides, as before).
+WRITER_QUEUE_TIMEOUT_S = 30.0
+_WRITER_LOCK = "migrateflow_writer_lock"
+_writer_locks = {}
+_writer_locks_guard = threading.Lock()
+_paths = {}  # url.database -> the file's absolute path (None: in memory)
+
+
+def _writer_lock(path):
+    lock = _writer_locks.get(path)
+    if lock is None:
+        with _writer_locks_guard:
+            lock = _writer_locks.setdefault(path, threading.Lock())
+    return lock
+
+
+def take_writer_lock(path):
+    """Queue for ``path``'s write lock in this process: the lock to release
+    once the write transaction ended, or None (waited too long; no path)."""
+    if path is None:
+        return None
+    lock = _writer_lock(path)
+    return lock if lock.acquire(timeout=WRITER_QUEUE_TIMEOUT_S) else None
+
+
+def _after_fork_in_child():
+    """A forked child (a drain's worker) starts with no writer of its own,
+    and with pools of its own: SQLite connections must not cross a fork
+    (its locks are per process), so the inherited ones are left to the
+    parent, unused and unclosed."""
+    _writer_locks.clear()
+    for engine in list(_tuned):
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _file_of(engine):
+    database = engine.url.database
+    path = _paths.get(database, False)
+    if path is False:
+        path = _paths[database] = None if is_memory_sqlite(engine.url) \
+            else os.path.abspath(database)
+    return path
+
+
 def _on_begin(conn):
     dbapi_con = conn.connection.driver_connection
     options = conn.get_execution_options()
     if dbapi_con.in_transaction or options.get("isolation_level") == \
             "AUTOCOMMIT":
         return  # begun already (e.g. by oslo.db's own hook), or autocommit
-    sql = "BEGIN " + options.get(SQLITE_BEGIN_OPTION, "IMMEDIATE")
+    mode = options.get(SQLITE_BEGIN_OPTION, "IMMEDIATE")
+    sql = "BEGIN " + mode
+    held = None if mode == "DEFERRED" else take_writer_lock(_file_of(conn.engine))
     try:  # straight to sqlite3: a SQLAlchemy execute here costs ~40 us
         dbapi_con.execute(sql)
     except sqlite3.Error as e:
+        if held is not None:
+            held.release()
         raise sa_exc.DBAPIError.instance(sql, (), e, sqlite3.Error) from e
     conn.info["in_transaction"] = True  # oslo.db's hook then emits no BEGIN
+    if held is not None:
+        conn.info[_WRITER_LOCK] = held
 
 
-def _on_end(conn):
+def _end(conn, sql):
+    """End the transaction here, then let the next writer in (SQLAlchemy's
+    own commit or rollback that follows finds nothing left to end)."""
     conn.info.pop("in_transaction", None)
+    held = conn.info.pop(_WRITER_LOCK, None)
+    if held is None:
+        return
+    try:
+        dbapi_con = conn.connection.driver_connection
+        if dbapi_con.in_transaction:
+            dbapi_con.execute(sql)
+    except sqlite3.Error as e:
+        raise sa_exc.DBAPIError.instance(sql, (), e, sqlite3.Error) from e
+    finally:
+        held.release()
+
+
+def _on_commit(conn):
+    _end(conn, "COMMIT")
+
+
+def _on_rollback(conn):
+    _end(conn, "ROLLBACK")
 
 
 def _on_checkin(dbapi_con, record):
     if record is not None:
         record.info.pop("in_transaction", None)
+        held = record.info.pop(_WRITER_LOCK, None)
+        if held is not None:  # never ended through SQLAlchemy (the pool rolled it back)
+            held.release()
 
 
 def tune_sqlite_engine(engine, synchronous="NORMAL", pool_size=10,
@@ -96,7 +181,7 @@ def tune_sqlite_engine(engine, synchronous="NORMAL", pool_size=10,
                 dbapi_con.execute("PRAGMA synchronous=" + state["synchronous"])
 
         for event, hook in (("connect", on_connect), ("checkin", _on_checkin),
-                            ("commit", _on_end), ("rollback", _on_end)):
+                            ("commit", _on_commit), ("rollback", _on_rollback)):
             sa.event.listen(engine, event, hook)
         sa.event.listen(engine, "begin", _on_begin, insert=True)
         # oslo.db's own hook emits a deferred BEGIN and, whatever ``insert``
@@ -110,3 +195,32 @@ def tune_sqlite_engine(engine, synchronous="NORMAL", pool_size=10,
         if state["file"]:
             engine.dispose()
     return engine
+
+
+def execute_raw(engine, sql, params=(), write=False):
+    """One statement in its own transaction straight on a pooled sqlite3
+    connection: the rows (reads), or the row count (writes).
+
+    For the few statements run on every step of every flow: SQLAlchemy's
+    connection, transaction and execution context cost twice the SQLite
+    work there.  The statement runs alone in autocommit mode, which is its
+    own transaction: a write takes the write lock as its first step, before
+    reading anything (so it waits for a busy lock like ``BEGIN IMMEDIATE``,
+    never fails on a stale snapshot), and commits when it ends; a read
+    sees one snapshot.  One sqlite3 call instead of three: each gives the
+    GIL away, and a busy thread then waits for it back.  ``sql`` is
+    SQLite's own (``?`` parameters); results are not type-processed (the
+    caller knows its columns); errors are sqlite3's.
+    """
+    fairy = engine.raw_connection()
+    try:
+        if not write:
+            return fairy.driver_connection.execute(sql, params).fetchall()
+        held = take_writer_lock(_file_of(engine))
+        try:
+            return fairy.driver_connection.execute(sql, params).rowcount
+        finally:
+            if held is not None:
+                held.release()
+    finally:
+        fairy.close()

@@ -193,8 +193,9 @@ class FakeDriver(fake_cold.ColdMigration, fake_evac.Evacuation, base.ComputeDriv
         """Advance the job by one iteration (unless stalled by a hang fault)
         and return it; hooked by hand because a hang here stalls instead."""
         uuid = instance["uuid"]
+        armed = self._store.faults_armed()
         stalled = model.fire_fault(self._store, "get_migration_job", source, uuid,
-                                   "before") == "stall"
+                                   "before", armed) == "stall"
         duration, view = 0.0, None
         with self._tx() as db:
             model.get_host(db, source)
@@ -206,7 +207,7 @@ class FakeDriver(fake_cold.ColdMigration, fake_evac.Evacuation, base.ComputeDriv
                 view = jobs.job_view(sim, row["status"], row["error"])
         if self.time_scale > 0 and duration > 0:
             time.sleep(duration * self.time_scale)
-        model.fire_fault(self._store, "get_migration_job", source, uuid, "after")
+        model.fire_fault(self._store, "get_migration_job", source, uuid, "after", armed)
         return view
 
     @_hooked

@@ -18,6 +18,7 @@ import threading
 import time
 
 from migrateflow import exceptions
+from migrateflow.db import sqlite
 from migrateflow.states import PowerState
 
 BUSY_TIMEOUT_S = 30.0
@@ -91,15 +92,29 @@ class StateStore:
 
     @contextlib.contextmanager
     def transaction(self, write=True):
-        """One transaction; ``write`` takes the write lock up front."""
+        """One transaction; ``write`` takes the write lock up front (queued
+        behind this process's other writers first: ``db.sqlite``)."""
         db = self._connection()
-        db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        held = sqlite.take_writer_lock(self.path) if write else None
         try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        finally:
+            if held is not None:
+                held.release()
+
+    def faults_armed(self):
+        """Whether any fault is armed: a lock-free read, so the hook around
+        every driver call takes the write lock only when one may fire (a
+        fault armed after this read missed this call, as if armed later)."""
+        db = self._connection()
+        return db.execute("SELECT 1 FROM faults WHERE remaining != 0 LIMIT 1"
+                          ).fetchone() is not None
 
     def reset(self):
         """Forget every host, guest, job, fault, counter and event."""
@@ -112,9 +127,9 @@ class StateStore:
 
 def record_event(db, event, host, instance):
     """Append to the timeline; times never go backwards across processes."""
-    last = db.execute("SELECT time FROM timeline ORDER BY id DESC LIMIT 1").fetchone()
-    db.execute("INSERT INTO timeline (time, event, host, instance) VALUES (?, ?, ?, ?)",
-               (max(time.time(), last[0] if last else 0.0), event, host, instance))
+    db.execute("INSERT INTO timeline (time, event, host, instance) SELECT max(?, COALESCE("
+               "(SELECT time FROM timeline ORDER BY id DESC LIMIT 1), 0.0)), ?, ?, ?",
+               (time.time(), event, host, instance))
 
 
 def record_change(db, method, host, instance):
@@ -151,13 +166,17 @@ def take_fault(db, method, host, instance, phase):
     return fault
 
 
-def fire_fault(store, method, host, uuid, when):
+def fire_fault(store, method, host, uuid, when, armed=None):
     """Fire the fault injected for this call, if any.
 
     raise: InjectedFault.  kill: SIGKILL to this very process.  hang: block
     until released, then InjectedFault -- except on get_migration_job, where
-    a hang means the job stops progressing: returns "stall".
+    a hang means the job stops progressing: returns "stall".  ``armed``:
+    False when the caller found no fault armed at the call's start (then
+    one armed during the call counts as armed after it).
     """
+    if armed is False or (armed is None and not store.faults_armed()):
+        return None
     with store.transaction() as db:
         fault = take_fault(db, method, host, uuid, when)
     if fault is None:
@@ -320,15 +339,31 @@ def hooked(method):
     """Run the fault hook around a contract method; its first argument is
     the host it is addressed to, ``instance``/``instance_uuid`` the guest."""
     signature = inspect.signature(method)
+    names = list(signature.parameters)[1:]  # after self
+    where = {name: names.index(name) for name in ("instance_uuid", "instance")
+             if name in names}
+
+    def arg(args, kwargs, name):
+        position = where.get(name)
+        if position is None:
+            return None
+        return args[position] if position < len(args) else kwargs.get(name)
 
     @functools.wraps(method)
     def call(self, *args, **kwargs):
-        arguments = signature.bind(self, *args, **kwargs).arguments
-        host = list(arguments.values())[1]
-        uuid = arguments.get("instance_uuid") or (arguments.get("instance") or {}).get("uuid")
-        fire_fault(self._store, method.__name__, host, uuid, "before")
+        if args:  # the usual call: no signature binding (it costs more than the fault check)
+            host = args[0]
+            uuid = arg(args, kwargs, "instance_uuid") or (
+                arg(args, kwargs, "instance") or {}).get("uuid")
+        else:
+            arguments = signature.bind(self, *args, **kwargs).arguments
+            host = list(arguments.values())[1]
+            uuid = arguments.get("instance_uuid") or (
+                arguments.get("instance") or {}).get("uuid")
+        armed = self._store.faults_armed()
+        fire_fault(self._store, method.__name__, host, uuid, "before", armed)
         result = method(self, *args, **kwargs)
-        fire_fault(self._store, method.__name__, host, uuid, "after")
+        fire_fault(self._store, method.__name__, host, uuid, "after", armed)
         return result
     return call
 

@@ -1,0 +1,277 @@
+"""TaskFlow's serial engine, made cheaper for many short flows.
+
+Same semantics, fewer writes and less work per flow (each figure per
+migration of the live-migration flow, measured by bench/bench_drain.py
+--serial): one write per atom transition (its progress mark rides along),
+a flow-state change that writes only the flow's row, one transaction to
+persist a new flow (logbook, flow detail, store, pending atoms), one plain
+lock instead of a reader-writer lock, and each thread's flows built and
+compiled once and reused when not running.  It relies on TaskFlow's
+internals (``Storage``, ``SerialActionEngine``): setup.py bounds the
+version, tests/test_perf_engine.py and the crash matrices check it.
+"""
+import contextlib
+import threading
+import time
+import weakref
+
+import fasteners
+import taskflow.engines
+from oslo_utils import reflection, uuidutils
+from taskflow import exceptions as tf_exc
+from taskflow import states as tf_states
+from taskflow import storage as tf_storage
+from taskflow.engines.action_engine import compiler as tf_compiler
+from taskflow.engines.action_engine import engine as tf_engine
+from taskflow.engines.action_engine import runtime as tf_runtime
+from taskflow.persistence import models as tf_models
+from taskflow.utils import misc as tf_misc
+
+from migrateflow import persistence
+
+
+class OneLock:
+    """TaskFlow's storage reader-writer lock as one reentrant lock.
+
+    A serial engine's storage is used by the thread running it (and rarely
+    by a reader elsewhere); fasteners' reader-writer lock costs a condition
+    variable round per call, and the engine makes a couple of thousand
+    such calls per flow.  Readers now exclude each other too: stricter,
+    never looser.
+    """
+
+    __slots__ = ("_lock",)
+
+    def __init__(self):
+        self._lock = threading.RLock()
+
+    def read_lock(self):
+        return self._lock
+
+    write_lock = read_lock
+
+
+#: the progress TaskFlow's task action sets right after it persisted a
+#: task's state (running or reverting: 0.0, done: 1.0; reset: 0.0)
+_PROGRESS_AFTER = {tf_states.RUNNING: 0.0, tf_states.REVERTING: 0.0,
+                   tf_states.SUCCESS: 1.0, tf_states.REVERTED: 1.0,
+                   tf_states.PENDING: 0.0, tf_states.IGNORE: 0.0}
+
+
+class Storage(tf_storage.Storage):
+    """TaskFlow storage whose state writes carry the engine's progress marks.
+
+    The engine persists a task's state, then its progress (0.0 when it
+    starts, 1.0 when done): two writes per transition, the second of which
+    no resume reads.  Here the state's write carries the progress that
+    follows it, and the engine's own progress update is kept in memory
+    (any difference reaches the database with the atom's or the flow's next
+    write).  Progress a task reports itself (with details) is written at
+    once, as before.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._lock = OneLock()
+        self._unsaved = set()  # atoms whose metadata changed since their last write
+
+    # TaskFlow's own retry policy for a failed save (three attempts, five
+    # seconds apart), without building a tenacity controller per save
+    @staticmethod
+    def _saving(save):
+        for attempt in range(1, tf_storage.RETRY_ATTEMPTS + 1):
+            try:
+                return save()
+            except tf_exc.StorageFailure:
+                if attempt == tf_storage.RETRY_ATTEMPTS:
+                    raise
+                time.sleep(tf_storage.RETRY_WAIT_TIMEOUT)
+
+    def _save_atom_detail(self, conn, original_atom_detail, atom_detail):
+        saved = self._saving(lambda: original_atom_detail.update(
+            conn.update_atom_details(atom_detail)))
+        self._unsaved.discard(original_atom_detail.name)
+        return saved
+
+    def _save_flow_detail(self, conn, original_flow_detail, flow_detail):
+        saved = self._saving(lambda: original_flow_detail.update(
+            conn.update_flow_details(flow_detail)))
+        self._unsaved.clear()
+        return saved
+
+    def set_flow_state(self, state):
+        """A flow's state change writes its own row only when every atom is
+        stored as held here (TaskFlow's way reads and compares them all)."""
+        with self._lock.write_lock():
+            if self._unsaved or not isinstance(self._backend, persistence.SQLBackend):
+                return super().set_flow_state(state)
+            source = self._flowdetail
+            clone = source.copy(retain_contents=False)
+            clone.state = state
+            self._with_connection(lambda conn: self._saving(
+                lambda: conn.update_flow_row(clone)))
+            source.state = state
+            return None
+
+    def _progress_for(self, atom_name, state):
+        """Put the progress the engine sets right after persisting
+        ``state`` in the atom's metadata now, so that write carries it."""
+        progress = _PROGRESS_AFTER.get(state)
+        uuid = self._atom_name_to_uuid.get(atom_name)
+        if progress is not None and uuid is not None:
+            source = self._flowdetail.find(uuid)
+            if isinstance(source, tf_models.TaskDetail) and \
+                    source.meta.get(tf_storage.META_PROGRESS) != progress:
+                source.meta[tf_storage.META_PROGRESS] = progress
+                self._unsaved.add(atom_name)  # until the write below succeeded
+
+    def set_atom_state(self, atom_name, state):
+        with self._lock.write_lock():
+            self._progress_for(atom_name, state)
+            return super().set_atom_state(atom_name, state)
+
+    def save(self, atom_name, result, state=tf_states.SUCCESS):
+        with self._lock.write_lock():
+            self._progress_for(atom_name, state)
+            return super().save(atom_name, result, state=state)
+
+    def set_task_progress(self, task_name, progress, details=None):
+        if details is not None:
+            return super().set_task_progress(task_name, progress, details=details)
+        with self._lock.write_lock():
+            source, _ = self._atomdetail_by_name(task_name,
+                                                 expected_type=tf_models.TaskDetail)
+            if source.meta.get(tf_storage.META_PROGRESS) != progress:
+                source.meta[tf_storage.META_PROGRESS] = progress
+                self._unsaved.add(task_name)
+        return None
+
+
+_compiled = threading.local()  # this thread's flows and their compilation
+_generation = [0]  # flows built before the last reset() are built again
+_validated = weakref.WeakKeyDictionary()  # compilation -> store key sets it passed with
+
+
+class Engine(tf_engine.SerialActionEngine):
+    """The serial engine with :class:`Storage`, given its flow's
+    compilation (``compile`` would make the same one again)."""
+
+    def __init__(self, flow, flow_detail, backend, compilation=None, reuse_key=None,
+                 store_keys=None):
+        super().__init__(flow, flow_detail, backend, {})
+        self._given_compilation, self._reuse_key = compilation, reuse_key
+        self._store_keys = store_keys
+
+    def validate(self):
+        # a reused compilation already validated with the same store keys
+        # (the only injected values of a new flow) validates the same again
+        seen = _validated.get(self._given_compilation) \
+            if self._given_compilation is not None else None
+        if seen is not None and self._store_keys is not None and self._store_keys in seen:
+            self._validated = True
+            return
+        super().validate()
+        if self._given_compilation is not None and self._store_keys is not None:
+            _validated.setdefault(self._given_compilation, set()).add(self._store_keys)
+
+    @tf_misc.cachedproperty
+    def storage(self):
+        def scope_fetcher(atom_name):
+            return self._runtime.fetch_scopes_for(atom_name) if self._compiled else None
+        return Storage(self._flow_detail, backend=self._backend,
+                        scope_fetcher=scope_fetcher)
+
+    @fasteners.locked
+    def compile(self):
+        if self._compiled:
+            return
+        self._compilation = self._given_compilation or self._check_compilation(
+            self._compiler.compile())
+        self._runtime = tf_runtime.Runtime(
+            self._compilation, self.storage, self.atom_notifier, self._task_executor,
+            self._retry_executor, options=self._options)
+        self._runtime.compile()
+        self._compiled = True
+
+
+_factory_names = {}
+
+
+def _factory_name(factory):
+    """The importable name of ``factory`` (checked once, as TaskFlow does)."""
+    name = _factory_names.get(factory)
+    if name is None:
+        name = reflection.get_callable_name(factory)
+        if taskflow.engines.helpers._fetch_factory(name) is not factory:
+            raise ValueError(f"flow factory {factory!r} is not reimportable by name {name}")
+        _factory_names[factory] = name
+    return name
+
+
+def compiled_flow(factory, factory_args):
+    """(flow, compilation, reuse key) from ``factory``: built and compiled
+    once per thread, and reused by the thread's next runs (running changes
+    neither; a flow's tasks are not shared between threads, nor between
+    two engines of one thread running at once: then a new one is built)."""
+    key = (factory, tuple(factory_args))
+    try:
+        hash(key)
+    except TypeError:
+        key = None
+    flows = _compiled.__dict__.setdefault("flows", {})
+    if key is not None and key not in _compiled.__dict__.setdefault("in_use", set()):
+        cached = flows.get(key)
+        if cached is not None and cached[2] == _generation[0]:
+            return cached[:2] + (key,)
+    flow = factory(*factory_args)
+    compilation = Engine._check_compilation(tf_compiler.PatternCompiler(flow).compile())
+    if key is not None and key not in _compiled.in_use:
+        flows[key] = (flow, compilation, _generation[0])
+        return flow, compilation, key
+    return flow, compilation, None
+
+
+def load(factory, store, book, backend, factory_args=()):
+    """An engine for a new flow from ``factory``, persisted in ``book`` as
+    ``load_from_factory`` and the engine's first steps would (logbook, flow
+    detail naming the factory, the store as the injector's results, every
+    atom pending), in one transaction instead of five."""
+    flow, compilation, key = compiled_flow(factory, factory_args)
+    flow_detail = tf_models.FlowDetail(flow.name, uuidutils.generate_uuid())
+    flow_detail.meta = {"factory": {"name": _factory_name(factory),
+                                    "args": list(factory_args), "kwargs": {}}}
+    injector = tf_models.TaskDetail(tf_storage.Storage.injector_name,
+                                    uuidutils.generate_uuid())
+    injector.state = tf_states.SUCCESS
+    injector.results = {str(k): value for k, value in store.items()}
+    flow_detail.add(injector)
+    for atom, attrs in compilation.execution_graph.nodes(data=True):
+        if attrs["kind"] in tf_compiler.ATOMS:
+            detail = tf_models.RetryDetail if attrs["kind"] == tf_compiler.RETRY \
+                else tf_models.TaskDetail
+            flow_detail.add(tf_storage.Storage._create_atom_detail(
+                atom.name, detail, atom_version=tf_misc.get_version_string(atom)))
+    book.add(flow_detail)
+    with contextlib.closing(backend.get_connection()) as conn:
+        conn.save_logbook(book)
+    return Engine(flow, flow_detail, backend, compilation, key,
+                   frozenset(injector.results))
+
+
+@contextlib.contextmanager
+def running(engine):
+    """While ``engine`` runs, its reused flow is not handed to another
+    engine of this thread (a flow's tasks are one run's at a time)."""
+    key = getattr(engine, "_reuse_key", None)
+    in_use = _compiled.__dict__.setdefault("in_use", set())
+    if key is not None:
+        in_use.add(key)
+    try:
+        yield
+    finally:
+        in_use.discard(key)
+
+
+def forget_flows():
+    """Build every flow anew from now on (tests patch tasks)."""
+    _generation[0] += 1

@@ -1,0 +1,100 @@
+"""What the engine's cheap paths must keep: the persisted state of a run,
+the number of writes it costs, the reuse of a flow within one thread, and
+the writers' queue of a SQLite file."""
+import contextlib
+import threading
+
+import pytest
+import sqlalchemy as sa
+from taskflow import states as tf_states
+from taskflow.persistence import models as tf_models
+
+from migrateflow import api, engine, serial_engine
+from migrateflow.db import sqlite as db_sqlite
+from migrateflow.flows import live_migration
+
+
+def _flow_detail(db, mig):
+    with contextlib.closing(engine.get_backend().get_connection()) as conn:
+        return conn.get_flow_details(db.get_migration(mig["uuid"])["flow_uuid"])
+
+
+def test_run_persists_every_atom_with_its_state_and_progress(conf, db, small_cloud):
+    mig = api.MigrationAPI().live_migrate(small_cloud["instance"]["uuid"], "host-b")
+    assert mig["status"] == "completed", mig["error"]
+    detail = _flow_detail(db, mig)
+    assert detail.state == tf_states.SUCCESS
+    assert detail.meta["factory"] == {"name": "migrateflow.flows.live_migration.build",
+                                      "args": [], "kwargs": {}}
+    names = {ad.name: ad for ad in detail}
+    injector = names.pop("_TaskFlow_INJECTOR")
+    assert injector.state == tf_states.SUCCESS
+    assert injector.results["migration_id"] == mig["uuid"]
+    assert names, "no atom persisted"
+    for ad in names.values():
+        assert ad.state == tf_states.SUCCESS, ad.name
+        if isinstance(ad, tf_models.TaskDetail):
+            assert ad.meta.get("progress") == 1.0, ad.name
+
+
+def test_two_atom_writes_per_task(conf, db, small_cloud, monkeypatch):
+    """Running, then done: the engine's progress marks ride on those writes."""
+    if conf.persistence.backend != "sql":
+        pytest.skip("counts the SQL backend's writes")
+    from migrateflow import persistence
+    writes = []
+    real = persistence.Connection.update_atom_details
+    monkeypatch.setattr(persistence.Connection, "update_atom_details",
+                        lambda self, ad: writes.append(ad.name) or real(self, ad))
+    mig = api.MigrationAPI().live_migrate(small_cloud["instance"]["uuid"], "host-b")
+    assert mig["status"] == "completed", mig["error"]
+    atoms = [ad.name for ad in _flow_detail(db, mig) if not ad.name.startswith("_TaskFlow_")]
+    assert sorted(writes) == sorted(atoms * 2)
+
+
+def test_flow_reused_by_a_thread_unless_running_or_reset():
+    flow, compilation, key = serial_engine.compiled_flow(live_migration.build, ())
+    again = serial_engine.compiled_flow(live_migration.build, ())
+    assert again == (flow, compilation, key)
+    serial_engine._compiled.in_use.add(key)
+    try:
+        other, _, other_key = serial_engine.compiled_flow(live_migration.build, ())
+        assert other is not flow and other_key is None
+    finally:
+        serial_engine._compiled.in_use.discard(key)
+    elsewhere = []
+    thread = threading.Thread(target=lambda: elsewhere.append(
+        serial_engine.compiled_flow(live_migration.build, ())[0]))
+    thread.start()
+    thread.join()
+    assert elsewhere[0] is not flow
+    engine.reset()  # tests patch task classes between runs: built anew
+    assert serial_engine.compiled_flow(live_migration.build, ())[0] is not flow
+
+
+def test_writer_queue_released_after_commit_rollback_and_error(tmp_path):
+    url = f"sqlite:///{tmp_path}/q.sqlite"
+    eng = db_sqlite.tune_sqlite_engine(sa.create_engine(url), "NORMAL")
+    with eng.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE t (x)")
+    lock = db_sqlite._writer_lock(str(tmp_path / "q.sqlite"))
+    assert not lock.locked()
+    with pytest.raises(ZeroDivisionError):
+        with eng.begin() as conn:
+            conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+            assert lock.locked()
+            raise ZeroDivisionError
+    assert not lock.locked()
+    with pytest.raises(sa.exc.OperationalError):
+        with eng.begin() as conn:
+            conn.exec_driver_sql("INSERT INTO missing VALUES (1)")
+    assert not lock.locked()
+    with eng.connect() as conn:  # ended by closing (rolled back by the pool)
+        conn.exec_driver_sql("INSERT INTO t VALUES (2)")
+        assert lock.locked()
+    assert not lock.locked()
+    assert db_sqlite.execute_raw(eng, "INSERT INTO t VALUES (3)", write=True) == 1
+    assert not lock.locked()
+    with eng.connect() as conn:
+        assert sorted(conn.exec_driver_sql("SELECT x FROM t").scalars()) == [3]
+    eng.dispose()
