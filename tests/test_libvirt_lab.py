@@ -252,6 +252,17 @@ def test_cold_migration_then_confirm(lab_cloud, libvirt_lab):
 
 # -- convergence escalation ------------------------------------------------------------------
 
+def escalate_at_once(lab_conf):
+    """Escalation on, post-copy permitted, one stuck pass enough (TCG passes
+    are slow); returns the overrides, for the test to clear."""
+    overrides = [("live_migration_permit_post_copy", True),
+                 ("live_migration_escalation", True),
+                 ("live_migration_escalation_iterations", 1)]
+    for name, value in overrides:
+        lab_conf.set_override(name, value, "migration")
+    return overrides
+
+
 def test_escalation_completes_a_copy_that_cannot_converge(slow_shared_copy, libvirt_lab,
                                                           lab_conf):
     """The guest dirties 64 MiB without pause, the copy moves 10 MiB/s: plain
@@ -260,12 +271,7 @@ def test_escalation_completes_a_copy_that_cannot_converge(slow_shared_copy, libv
     post-copy) long before the completion timeout (800 s/GiB)."""
     db, driver, client = slow_shared_copy
     lab = libvirt_lab
-    overrides = [("live_migration_permit_post_copy", True),
-                 ("live_migration_escalation", True),
-                 # TCG passes are slow: one stuck pass is enough evidence here
-                 ("live_migration_escalation_iterations", 1)]
-    for name, value in overrides:
-        lab_conf.set_override(name, value, "migration")
+    overrides = escalate_at_once(lab_conf)
     try:
         uuid = boot_instance(db, driver, lab, lab.shared_instances, "dirty-3")["uuid"]
 
@@ -430,11 +436,7 @@ def test_resumed_flow_escalates_a_copy_another_controller_started(
     process): the guest ends on lab-b."""
     db, driver, client = slow_shared_copy
     lab = libvirt_lab
-    overrides = [("live_migration_permit_post_copy", True),
-                 ("live_migration_escalation", True),
-                 ("live_migration_escalation_iterations", 1)]
-    for name, value in overrides:
-        lab_conf.set_override(name, value, "migration")
+    overrides = escalate_at_once(lab_conf)
     try:
         uuid = boot_instance(db, driver, lab, lab.shared_instances, "dirty-killed-2")["uuid"]
         killed = kill_controller_mid_copy(lab_conf, lab, db, uuid,
