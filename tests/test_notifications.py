@@ -12,6 +12,7 @@ import json
 import signal
 import socket
 import threading
+import time
 import uuid
 
 import pytest
@@ -123,11 +124,11 @@ class FakeTransportQueue:
 
 
 def wait_until_count(predicate, timeout=10.0):
-    deadline = threading.Event()
-    for _ in range(int(timeout / 0.01)):
-        if predicate():
-            return
-        deadline.wait(0.01)
+    """Wait for ``predicate`` (the assertions after it tell what was
+    missing when it never held)."""
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 @pytest.fixture(params=["rabbitmq", "fake-transport"])
@@ -359,7 +360,7 @@ def test_instance_update_names_its_migration_only_inside_a_flow(heard, small_clo
     conf.clear_override("notify_on_state_change", group="notifications")
 
 
-def _aborted(client, db, driver, uuid_):
+def _aborted(client, db, driver, uuid_, _prepared):
     """A live migration aborted by the operator in the middle of its copy."""
     driver.inject_fault("get_migration_job", action="hang", instance=uuid_, count=-1)
     mig = client.live_migrate(uuid_, "host-b", wait=False)
@@ -369,52 +370,56 @@ def _aborted(client, db, driver, uuid_):
     return client.wait(mig["uuid"], timeout=60)
 
 
-def _reverted(client, db, driver, uuid_):
-    """(marker: revert a finished cold migration, see the test)"""
+def _cold_migrated(client, db, driver, uuid_):
+    """A finished cold migration (made before the events are listened to)."""
+    return client.migrate(uuid_, "host-c")["uuid"]
 
 
-def _confirmed(client, db, driver, uuid_):
-    """(marker: confirm a finished cold migration, see the test)"""
+def _reverted(client, db, driver, uuid_, migration_id):
+    return client.revert_resize(migration_id)
 
 
-def _evacuated(client, db, driver, uuid_):
+def _confirmed(client, db, driver, uuid_, migration_id):
+    return client.confirm_resize(migration_id)
+
+
+def _host_down(client, db, driver, uuid_):
     db.update_host("host-a", up=False)
+
+
+def _evacuated(client, db, driver, uuid_, _prepared):
     return client.evacuate(uuid_, "host-b")
 
 
-@pytest.mark.parametrize("operation, status, expected", [
-    (_aborted, "cancelled",
+@pytest.mark.parametrize("prepare, operation, status, expected", [
+    (None, _aborted, "cancelled",
      [UPDATE, *_phase(CHECK, "start", "end"), *_phase(PRE, "start", "end"),
       *_phase(COPY, "start"), *_phase("instance.live_migration_abort", "start"),
       *_phase(COPY, "error"), *_phase(ROLLBACK, "start"), UPDATE, *_phase(ROLLBACK, "end"),
       *_phase("instance.live_migration_abort", "end")]),
-    (_reverted, "reverted",
+    (_cold_migrated, _reverted, "reverted",
      [UPDATE, *_phase("instance.resize_revert", "start"), UPDATE,
       *_phase("instance.resize_revert", "end")]),
-    (_confirmed, "confirmed",
+    (_cold_migrated, _confirmed, "confirmed",
      [*_phase("instance.resize_confirm", "start"), UPDATE,
       *_phase("instance.resize_confirm", "end")]),
-    (_evacuated, "done",
+    (_host_down, _evacuated, "done",
      [UPDATE, *_phase("instance.evacuate", "start", "end"),
       *_phase("instance.rebuild", "start"), UPDATE, *_phase("instance.rebuild", "end")]),
 ])
-def test_other_operations_send_their_phases(operation, status, expected, small_cloud, db,
-                                            driver, conf):
+def test_other_operations_send_their_phases(prepare, operation, status, expected,
+                                            small_cloud, db, driver, conf):
     conf.set_override("notify_on_state_change", "vm_and_task_state", group="notifications")
     client = api.MigrationAPI(context=CALLER)
     uuid_ = small_cloud["instance"]["uuid"]
+    prepared = prepare(client, db, driver, uuid_) if prepare else None
     heard = []
-    handle = None
-    if operation in (_reverted, _confirmed):  # only the confirm / revert itself
-        mig = client.migrate(uuid_, "host-c")
-        handle = notifications.subscribe(heard.append)
-        final = (client.revert_resize if operation is _reverted
-                 else client.confirm_resize)(mig["uuid"])
-    else:
-        handle = notifications.subscribe(heard.append)
-        final = operation(client, db, driver, uuid_)
-    notifications.unsubscribe(handle)
-    conf.clear_override("notify_on_state_change", group="notifications")
+    handle = notifications.subscribe(heard.append)
+    try:
+        final = operation(client, db, driver, uuid_, prepared)
+    finally:
+        notifications.unsubscribe(handle)
+        conf.clear_override("notify_on_state_change", group="notifications")
     assert final["status"] == status, final["error"]
     assert _kinds(heard) == expected
     assert {_data(m)["request_id"] for m in heard} == {CALLER.request_id}
