@@ -182,11 +182,8 @@ class MigrationAPI(resize_api.ResizeOps, evacuation_api.EvacuationOps,
                 f"({type(err).__name__}: {err})") from err
 
     def _run_quietly(self, factory, store, migration_id):
-        caller = store.get(StoreKey.CONTEXT) or {}
         try:
-            with context_mod.bind(request_id=caller.get("request_id"), context=caller,
-                                  migration_id=migration_id):
-                engine.run(factory, store, migration_id, listeners=self.listeners)
+            engine.run(factory, store, migration_id, listeners=self.listeners)
         except Exception as err:  # noqa: BLE001 - the record carries the outcome
             LOG.info("migration=%s ended with %s: %s", migration_id, type(err).__name__, err)
 
@@ -246,8 +243,7 @@ class MigrationAPI(resize_api.ResizeOps, evacuation_api.EvacuationOps,
                 engine.repost(migration_id)
             return self.wait(migration_id)
         try:
-            with context_mod.bind(migration_id=migration_id):
-                engine.resume(migration_id, listeners=self.listeners)
+            engine.resume(migration_id, listeners=self.listeners)
         except Exception as err:  # noqa: BLE001 - the record carries the outcome
             LOG.info("migration=%s resume ended with %s", migration_id, err)
         return self.db.get_migration(migration_id)

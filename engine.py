@@ -24,7 +24,7 @@ from taskflow.persistence import models as tf_models
 from taskflow.persistence.backends import impl_memory, impl_zookeeper
 from taskflow.utils import persistence_utils as p_utils
 
-from migrateflow import flow_events, graph, lifecycle, persistence, serial_engine
+from migrateflow import context, flow_events, graph, lifecycle, persistence, serial_engine
 from migrateflow.conf import CONF
 from migrateflow.db import api as db_api
 from migrateflow.states import (FLOW_ENDED, LIVE_TERMINAL, TRANSITIONAL,
@@ -174,6 +174,11 @@ def running_here():
 
 
 def _run_engine(engine, migration_id, listeners=(), owner_recorded=False):
+    with context.bind(**flow_events.log_fields(engine)):  # its settle's lines too
+        _run_bound(engine, migration_id, listeners, owner_recorded)
+
+
+def _run_bound(engine, migration_id, listeners, owner_recorded):
     started = time.monotonic()
     if not owner_recorded:
         db_api.get_db().update_migration(migration_id, owner=process_id())
@@ -344,8 +349,12 @@ class MigrationConductor(nonblocking.NonBlockingConductor):
         return listeners
 
     def _dispatch_job(self, job):
+        details = job.details or {}
+        caller = details.get("store", {}).get("context") or {}
         try:
-            return self._run_job(job)
+            with context.bind(request_id=caller.get("request_id"), context=caller,
+                              migration_id=details.get("migration_id")):
+                return self._run_job(job)
         except lifecycle.Detach:
             LOG.info("job=%s detached for another conductor", job.uuid)
             return False  # abandon: another conductor resumes it

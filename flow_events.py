@@ -93,6 +93,15 @@ def _fetch(storage, key):
         return None
 
 
+def log_fields(engine):
+    """The log fields of the flow ``engine`` runs: its request (id and
+    caller, from the store) and its migration."""
+    caller = _fetch(engine.storage, StoreKey.CONTEXT) or {}
+    return {"request_id": caller.get("request_id"),
+            "migration_id": _fetch(engine.storage, StoreKey.MIGRATION_ID),
+            "context": caller}
+
+
 class FlowEvents(listener_base.Listener):
     """Binds the log fields of the flow's request and migration while the
     flow runs, and sends its phase notifications."""
@@ -105,8 +114,8 @@ class FlowEvents(listener_base.Listener):
             flow_listen_for=(tf_states.REVERTED, tf_states.SUCCESS, tf_states.FAILURE),
             retry_listen_for=(tf_states.REVERTING,))
         storage = engine.storage
-        self._migration_id = _fetch(storage, StoreKey.MIGRATION_ID)
-        self._ctx = _fetch(storage, StoreKey.CONTEXT) or {}
+        self._fields = log_fields(engine)
+        self._migration_id, self._ctx = self._fields["migration_id"], self._fields["context"]
         self._bound = None
         self._phases = phase_of_steps(storage.flow_name) if storage.flow_name in PHASES \
             else None
@@ -130,8 +139,7 @@ class FlowEvents(listener_base.Listener):
     # -- the flow's lifetime ------------------------------------------------------------
     def register(self):
         super().register()
-        self._bound = context.bind(request_id=self._ctx.get("request_id"),
-                                   migration_id=self._migration_id, context=self._ctx)
+        self._bound = context.bind(**self._fields)
         self._bound.__enter__()
 
     def deregister(self):
