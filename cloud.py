@@ -22,10 +22,23 @@ def add_host(db, driver, name, **facts):
     return db.get_host(name)
 
 
+def record_host(db, driver, name, *, vcpus, shared_storage=None):
+    """Record a host whose hypervisor already runs (libvirt): its row from
+    the hypervisor's own facts."""
+    info = driver.get_host_info(name)
+    db.create_host(name, hypervisor_type=info["hypervisor_type"],
+                   hypervisor_version=info["hypervisor_version"],
+                   cpu_model=info["cpu_model"], cpu_features=info["cpu_features"],
+                   vcpus=vcpus, memory_mb=info["memory_mb"], disk_gb=info["disk_gb"],
+                   shared_storage=shared_storage)
+    return db.get_host(name)
+
+
 def add_instance(db, driver, name, host, *, memory_mb=2048, vcpus=2, disk_gb=20,
                  volumes=0, ports=1, volume_backed=False, dirty_rate_mbps=0.0,
                  flavor_name=None):
-    """Record an instance on ``host`` and start its guest there."""
+    """Record an instance on ``host`` and start its guest there (on any
+    driver: the fake's, or a real one's)."""
     volume_ids = [str(uuidlib.uuid4()) for _ in range(volumes)]
     inst = db.create_instance(
         name=name, host=host, flavor_name=flavor_name or f"m{memory_mb}",

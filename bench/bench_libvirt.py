@@ -33,7 +33,7 @@ import uuid as uuidlib
 import libvirt
 
 from migrateflow import api as mf_api
-from migrateflow import drivers
+from migrateflow import cloud, drivers
 from migrateflow.conf import CONF
 from migrateflow.db import api as db_api
 from migrateflow.tasks import convergence
@@ -115,20 +115,12 @@ def configure(workdir, ports, cache):
 
 def add_hosts(db, driver):
     for name in HOSTS:
-        info = driver.get_host_info(name)
-        db.create_host(name, hypervisor_type=info["hypervisor_type"],
-                       hypervisor_version=info["hypervisor_version"],
-                       cpu_model=info["cpu_model"], cpu_features=info["cpu_features"],
-                       vcpus=64, memory_mb=info["memory_mb"], disk_gb=info["disk_gb"],
-                       shared_storage="lab-shared")
+        cloud.record_host(db, driver, name, vcpus=64, shared_storage="lab-shared")
 
 
 def boot(db, driver, shared, name):
-    inst = db.create_instance(name=name, host="lab-a", flavor_name="lab.tiny", memory_mb=256,
-                              vcpus=1, disk_gb=1, port_count=1)
-    network_info = [{"port_id": p["id"], "mac": p["mac"], "network_id": p["network_id"]}
-                    for p in db.list_ports(inst["uuid"])]
-    driver.spawn("lab-a", db_api.instance_to_driver(inst), network_info, [])
+    inst = cloud.add_instance(db, driver, name, "lab-a", memory_mb=256, vcpus=1, disk_gb=1,
+                              flavor_name="lab.tiny")
     console = os.path.join(shared, inst["uuid"], "console.log")
     deadline = time.monotonic() + 120
     while not _ticked(console):

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from migrateflow import api, drivers
+from migrateflow import api, cloud, drivers
 from migrateflow import conf as mf_conf
 from migrateflow.db import api as db_api
 from migrateflow.tasks import convergence
@@ -33,12 +33,7 @@ TICK_TIMEOUT_S = 45
 def add_lab_hosts(db, driver, shared_storage=None):
     """Host rows as a cloud would record them: the hypervisors' own facts."""
     for name in LAB_HOSTS:
-        info = driver.get_host_info(name)
-        db.create_host(name, hypervisor_type=info["hypervisor_type"],
-                       hypervisor_version=info["hypervisor_version"],
-                       cpu_model=info["cpu_model"], cpu_features=info["cpu_features"],
-                       vcpus=8, memory_mb=info["memory_mb"], disk_gb=info["disk_gb"],
-                       shared_storage=shared_storage)
+        cloud.record_host(db, driver, name, vcpus=8, shared_storage=shared_storage)
 
 
 def ticks(console):
@@ -68,13 +63,22 @@ def wait_for_ticks(console, above, timeout=BOOT_TIMEOUT_S):
 
 def boot_instance(db, driver, lab, instances, name, host="lab-a"):
     """Record an instance on ``host`` and boot its guest (until it ticks)."""
-    inst = db.create_instance(name=name, host=host, flavor_name="lab.tiny", memory_mb=256,
-                              vcpus=1, disk_gb=1, port_count=1)
-    network_info = [{"port_id": p["id"], "mac": p["mac"], "network_id": p["network_id"]}
-                    for p in db.list_ports(inst["uuid"])]
-    driver.spawn(host, db_api.instance_to_driver(inst), network_info, [])
+    inst = cloud.add_instance(db, driver, name, host, memory_mb=256, vcpus=1, disk_gb=1,
+                              flavor_name="lab.tiny")
     wait_for_ticks(lab.console(instances.replace("{host}", host), inst["uuid"]), 1)
     return inst
+
+
+def assert_runs_on_lab_b(lab, db, uuid, still_ticking=False):
+    """The guest runs (persistent) on lab-b only, as both daemons and the
+    database say; ``still_ticking``: and its console goes on."""
+    assert where(lab, uuid) == {"lab-b": ("running", True)}
+    moved = db.get_instance(uuid)
+    assert (moved["host"], moved["power_state"], moved["task_state"]) == \
+        ("lab-b", "running", None)
+    if still_ticking:
+        console = lab.console(lab.shared_instances, uuid)
+        wait_for_ticks(console, ticks(console), TICK_TIMEOUT_S)
 
 
 def where(lab, instance_uuid):
@@ -132,10 +136,7 @@ def test_live_migration_of_an_idle_guest(lab_cloud, libvirt_lab):
     mig = client.live_migrate(uuid, host="lab-b")
 
     assert mig["status"] == "completed", mig["error"]
-    assert where(lab, uuid) == {"lab-b": ("running", True)}
-    moved = db.get_instance(uuid)
-    assert (moved["host"], moved["power_state"], moved["task_state"]) == \
-        ("lab-b", "running", None)
+    assert_runs_on_lab_b(lab, db, uuid)
     assert (mig["source_host"], mig["dest_host"]) == ("lab-a", "lab-b")
     assert mig["downtime_ms"] is not None and mig["memory_processed_mb"] > 0
     # the same guest goes on counting on lab-b, whose console is in its own directory
@@ -288,12 +289,7 @@ def test_escalation_completes_a_copy_that_cannot_converge(slow_shared_copy, libv
         assert rungs == [["max-downtime", "applied"], ["auto-converge", "skipped"],
                          ["post-copy", "applied"]], note
         assert took < 120, f"escalation took {took:.0f} s"
-        assert where(lab, uuid) == {"lab-b": ("running", True)}
-        moved = db.get_instance(uuid)
-        assert (moved["host"], moved["power_state"], moved["task_state"]) == \
-            ("lab-b", "running", None)
-        console = lab.console(lab.shared_instances, uuid)
-        wait_for_ticks(console, ticks(console), TICK_TIMEOUT_S)
+        assert_runs_on_lab_b(lab, db, uuid, still_ticking=True)
     finally:
         for name, _value in overrides:
             lab_conf.clear_override(name, "migration")
@@ -420,12 +416,7 @@ def test_controller_killed_mid_copy_is_resumed_and_finishes(slow_shared_copy, li
     assert final["status"] == "completed", final["error"]
     assert final["owner"].endswith(f":{os.getpid()}")
     assert final["memory_processed_mb"] >= killed["memory_processed_mb"]
-    assert where(lab, uuid) == {"lab-b": ("running", True)}
-    moved = db.get_instance(uuid)
-    assert (moved["host"], moved["power_state"], moved["task_state"]) == \
-        ("lab-b", "running", None)
-    console = lab.console(lab.shared_instances, uuid)
-    wait_for_ticks(console, ticks(console), TICK_TIMEOUT_S)
+    assert_runs_on_lab_b(lab, db, uuid, still_ticking=True)
 
 
 def test_resumed_flow_escalates_a_copy_another_controller_started(
@@ -447,10 +438,7 @@ def test_resumed_flow_escalates_a_copy_another_controller_started(
         assert final["status"] == "completed", final["error"]
         assert final["post_copy"]
         assert "post-copy applied" in final["scheduler_notes"][convergence.NOTE_KEY]
-        assert where(lab, uuid) == {"lab-b": ("running", True)}
-        moved = db.get_instance(uuid)
-        assert (moved["host"], moved["power_state"], moved["task_state"]) == \
-            ("lab-b", "running", None)
+        assert_runs_on_lab_b(lab, db, uuid)
     finally:
         for name, _value in overrides:
             lab_conf.clear_override(name, "migration")

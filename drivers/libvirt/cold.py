@@ -145,8 +145,14 @@ class ColdMigration:
         if dom is not None and guests.power_state(dom) == guests.RUNNING:
             raise exceptions.DriverError(
                 f"guest {uuid} runs on {source}; not confirming its migration away")
+        self._remove(dom, store, uuid, source, shared_storage)
+
+    @staticmethod
+    def _remove(dom, store, uuid, host, shared_storage):
+        """The guest gone from ``host``: its domain, its record there, and
+        its instance directory unless the storage is shared."""
         if dom is not None:
-            with libvirt_errors(f"removing the old guest {uuid} from {source}"):
+            with libvirt_errors(f"removing guest {uuid} from {host}"):
                 guests.remove(dom)
         store.forget(uuid)
         if not shared_storage:
@@ -186,13 +192,7 @@ class ColdMigration:
         if not source or source == dest or guests.find(self._conn(source), uuid) is None:
             LOG.warning("not cleaning up %s on %s: no other host defines it", uuid, dest)
             return
-        dom = guests.find(conn, uuid)
-        if dom is not None:
-            with libvirt_errors(f"removing guest {uuid} from {dest}"):
-                guests.remove(dom)
-        store.forget(uuid)
-        if not shared_storage:
-            store.drop_instance_dir(uuid)
+        self._remove(guests.find(conn, uuid), store, uuid, dest, shared_storage)
 
     # -- evacuation --------------------------------------------------------------------
     def instance_on_disk(self, host, instance):
