@@ -98,19 +98,20 @@ class MigrationAPI(resize_api.ResizeOps, evacuation_api.EvacuationOps,
         in this process (in a thread unless ``wait``).  Returns the record:
         the final one with ``wait``, else the current one.
 
-        ``on_refused(error)``: undo the acceptance when the jobboard refuses
-        the job (default: the migration fails, the instance is released)."""
+        ``on_refused(error)``: undo the acceptance when the flow cannot start
+        (the jobboard refuses the job, or its flow cannot be persisted;
+        default: the migration fails, the instance is released)."""
         store = {**store, StoreKey.CONTEXT: context_mod.current("context")}
         if self.conf.jobboard.enabled:
             self._post(factory, store, mig, on_refused)
             return self.wait(mig["uuid"]) if wait else self.db.get_migration(mig["uuid"])
         if not wait:
             thread = threading.Thread(target=self._run_quietly, name=f"mf-{mig['uuid']}",
-                                      args=(factory, store, mig["uuid"]))
+                                      args=(factory, store, mig, on_refused))
             self._threads[mig["uuid"]] = thread
             thread.start()
             return self.db.get_migration(mig["uuid"])
-        self._run_quietly(factory, store, mig["uuid"])
+        self._run_quietly(factory, store, mig, on_refused)
         return self.db.get_migration(mig["uuid"])
 
     def _accept_live_migration(self, instance_id, host, block_migration):
@@ -168,24 +169,30 @@ class MigrationAPI(resize_api.ResizeOps, evacuation_api.EvacuationOps,
         try:
             engine.post(factory, store, mig["uuid"])
         except Exception as err:
-            # nothing ran: release the instance, say why
-            reason = f"could not post the job: {type(err).__name__}: {err}"
-            if on_refused is not None:
-                on_refused(reason)
-            else:
-                self.db.finish_migration(
-                    mig["uuid"], mig["instance_uuid"], MoveStatus.FAILED
-                    if mig["migration_type"] == MigrationType.EVACUATION else Status.FAILED,
-                    expected_statuses=[mig["status"]], error=reason)
-            raise exc.MigrateflowError(
+            self._not_started(mig, f"could not post the job: {type(err).__name__}: {err}",
+                              on_refused)
+            raise exc.FlowNotStarted(
                 f"migration {mig['uuid']} not started: the jobboard refused the job "
                 f"({type(err).__name__}: {err})") from err
 
-    def _run_quietly(self, factory, store, migration_id):
+    def _not_started(self, mig, reason, on_refused):
+        """Nothing of ``mig``'s flow ran: release the instance, say why."""
+        LOG.error("migration=%s not started: %s", mig["uuid"], reason)
+        if on_refused is not None:
+            on_refused(reason)
+        else:
+            self.db.finish_migration(
+                mig["uuid"], mig["instance_uuid"], MoveStatus.FAILED
+                if mig["migration_type"] == MigrationType.EVACUATION else Status.FAILED,
+                expected_statuses=[mig["status"]], error=reason)
+
+    def _run_quietly(self, factory, store, mig, on_refused=None):
         try:
-            engine.run(factory, store, migration_id, listeners=self.listeners)
+            engine.run(factory, store, mig["uuid"], listeners=self.listeners)
+        except exc.FlowNotStarted as err:
+            self._not_started(mig, err.message, on_refused)
         except Exception as err:  # noqa: BLE001 - the record carries the outcome
-            LOG.info("migration=%s ended with %s: %s", migration_id, type(err).__name__, err)
+            LOG.info("migration=%s ended with %s: %s", mig["uuid"], type(err).__name__, err)
 
     # -- operator actions on a running migration ------------------------------
     def abort(self, migration_id):

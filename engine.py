@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 
+import sqlalchemy as sa
 import taskflow.engines
 from taskflow import states as tf_states
 from taskflow.conductors.backends import impl_nonblocking as nonblocking
@@ -24,9 +25,11 @@ from taskflow.persistence import models as tf_models
 from taskflow.persistence.backends import impl_memory, impl_zookeeper
 from taskflow.utils import persistence_utils as p_utils
 
+from migrateflow import exceptions as exc
 from migrateflow import context, flow_events, graph, lifecycle, persistence, serial_engine
 from migrateflow.conf import CONF
 from migrateflow.db import api as db_api
+from migrateflow.db import sqlite as db_sqlite
 from migrateflow.states import (FLOW_ENDED, LIVE_TERMINAL, TRANSITIONAL,
                                 MigrationType, MoveStatus, VmState)
 from migrateflow.states import LiveMigrationStatus as Status
@@ -49,7 +52,19 @@ _backends_lock = threading.Lock()
 
 
 def persistence_url(conf=CONF):
-    return conf.persistence.connection or db_api.get_db(conf).url
+    """``[persistence] connection``; unset: the state database, except a
+    SQLite file's flows, which go to a file beside it
+    (``<name>.flows.sqlite``): SQLite lets one writer at a time into a file,
+    and a migration writes about as often to its flow as to its records,
+    so two files let both writers in at once."""
+    if conf.persistence.connection:
+        return conf.persistence.connection
+    state = db_api.get_db(conf).url
+    url = sa.engine.make_url(state)
+    if url.get_backend_name() != "sqlite" or db_sqlite.is_memory_sqlite(url):
+        return state
+    stem, _ext = os.path.splitext(url.database)
+    return url.set(database=f"{stem}.flows.sqlite").render_as_string(hide_password=False)
 
 
 def get_backend(conf=CONF):
@@ -72,7 +87,11 @@ def _make_backend(key, conf):
     if key[0] == "memory":
         return impl_memory.MemoryBackend()
     if key[0] == "sql":
-        return persistence.SQLBackend.from_url(key[1], sqlite_synchronous=key[2])
+        backend = persistence.SQLBackend.from_url(key[1], sqlite_synchronous=key[2])
+        if key[1] != db_api.get_db(conf).url:  # the state database's own are alembic's
+            with contextlib.closing(backend.get_connection()) as conn:
+                conn.upgrade()  # creates the flow tables unless there
+        return backend
     backend = impl_zookeeper.ZkBackend({
         "hosts": key[1], "path": key[2], "timeout": conf.jobboard.session_timeout,
         "connection_retry": dict(_ZK_RECONNECT)})
@@ -131,11 +150,17 @@ def run(factory, store, migration_id, factory_args=(), listeners=()):
 
     ``listeners``: extra TaskFlow listener factories, each called with the
     engine (an embedding controller's own, or a test's CaptureListener).
-    Returns nothing; raises what the flow raised.  The migration record is
-    never left in a transitional status: see ``settle``.
+    Returns nothing; raises what the flow raised, or FlowNotStarted when
+    the flow could not be persisted (nothing ran; the caller undoes its
+    acceptance).  The migration record is never left in a transitional
+    status: see ``settle``.
     """
-    engine = serial_engine.load(factory, store, _new_book(migration_id), get_backend(),
-                                factory_args)
+    try:
+        engine = serial_engine.load(factory, store, _new_book(migration_id), get_backend(),
+                                    factory_args)
+    except Exception as err:
+        raise exc.FlowNotStarted(f"migration {migration_id} not started: its flow could "
+                                 f"not be persisted ({type(err).__name__}: {err})") from err
     db_api.get_db().update_migration(migration_id, flow_uuid=engine.storage.flow_uuid,
                                      owner=process_id())
     _run_engine(engine, migration_id, listeners, owner_recorded=True)

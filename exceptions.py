@@ -101,6 +101,10 @@ class InvalidMigrationState(InvalidRequest):
     """The migration cannot do what was asked in its current status."""
 
 
+class FlowNotStarted(MigrateflowError):
+    """The flow could not be persisted or posted: nothing of it ran."""
+
+
 class DriverError(MigrateflowError):
     """A hypervisor, network or volume operation failed."""
 
