@@ -109,9 +109,13 @@ def mask(text):
     return strutils.mask_password(_URL_PASSWORD.sub(r"\1***@", text))
 
 
+_traceback = logging.Formatter()
+
+
 class ContextFilter(logging.Filter):
     """On a handler: every record gets ``request_id`` and ``migration_id``
-    ("-" when unbound) and its message masked of passwords and tokens."""
+    ("-" when unbound), and its message, traceback and stack masked of
+    passwords and tokens (an exception's text often quotes a URL)."""
 
     def filter(self, record):
         fields = _fields.get()
@@ -121,6 +125,12 @@ class ContextFilter(logging.Filter):
         masked = mask(message)
         if masked != message or record.args:
             record.msg, record.args = masked, None
+        if record.exc_info and not record.exc_text:  # formatters use exc_text when set
+            record.exc_text = _traceback.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = mask(record.exc_text)
+        if record.stack_info:
+            record.stack_info = mask(record.stack_info)
         return True
 
 

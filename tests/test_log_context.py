@@ -79,6 +79,19 @@ def test_secrets_are_masked(message, args, secret, logs):
     assert "***" in logs.lines[-1]
 
 
+def test_secrets_in_a_traceback_are_masked(logs):
+    try:
+        raise ConnectionError("cannot reach rabbit://guest:s3cr3t@127.0.0.1:5672/ "
+                              "with password=hunter2")
+    except ConnectionError:
+        logging.getLogger("migrateflow.test").exception("sending failed")
+    line = logs.lines[-1]
+    assert "Traceback" in line and "ConnectionError" in line
+    assert "s3cr3t" not in line and "hunter2" not in line
+    logging.getLogger("migrateflow.test").warning("here", stack_info=True)
+    assert "Stack (most recent call last)" in logs.lines[-1]
+
+
 def test_cli_lines_name_request_and_migration(run, small_cloud):
     uuid = small_cloud["instance"]["uuid"]
     code, out, err = run("-v", "live-migrate", uuid, "--host", "host-b")
