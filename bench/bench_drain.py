@@ -19,7 +19,7 @@ migration (controller and workers), the controller's peak memory (VmHWM)
 and the largest worker's.
 
     python bench/bench_drain.py [--quick] [--processes N]
-    python bench/bench_drain.py --serial 200
+    python bench/bench_drain.py --serial 200 [--split PROCESSES THREADS]
 
 Each row is also run with copies of no time (``time_scale`` 0): its
 makespan ("engine s") is the engine's own pace at that concurrency on this
@@ -27,16 +27,21 @@ machine, a floor under the row's makespan beside the ideal.
 
 ``--serial N`` measures the engine's own cost apart from the drain's
 concurrency: N live migrations one after the other in this process with
-no simulated copy time (``time_scale`` 0), CPU ms per migration.
+no simulated copy time (``time_scale`` 0), CPU ms per migration and
+migrations per second.  ``--split P T`` spreads them over P forked
+processes of T threads each (each thread one after the other): what
+threads sharing one interpreter, or more processes than CPUs, cost.
 """
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from migrateflow import cloud, drivers, hostops
@@ -115,8 +120,10 @@ def run_row(count, limit, processes, copy=True):
                 "peak_copies": peak, "mean_copy_s": mean_copy}
 
 
-def serial_cpu_ms(count):
-    """CPU ms per live migration, ``count`` of them one after the other."""
+def serial(count, processes=1, threads=1):
+    """``count`` live migrations with no copy time, split between
+    ``processes`` forked processes of ``threads`` threads, each doing its
+    share one after the other: (migrations per second, CPU ms each)."""
     with tempfile.TemporaryDirectory() as workdir:
         configure(workdir)
         CONF.set_override("time_scale", 0.0, group="fake_driver")
@@ -124,12 +131,43 @@ def serial_cpu_ms(count):
         client = mf_api.MigrationAPI()
         first, *rest = db.list_instances(host="host-a")
         client.live_migrate(first["uuid"])  # warm: imports, pools, the flow
-        cpu = time.process_time()
-        for inst in rest:
-            mig = client.live_migrate(inst["uuid"])
+        shares = [rest[i::processes * threads] for i in range(processes * threads)]
+        fork = multiprocessing.get_context("fork")
+        cpu, children = time.process_time(), resource.getrusage(resource.RUSAGE_CHILDREN)
+        started = time.perf_counter()
+        workers = [fork.Process(target=_migrate_in_threads, args=(shares[i::processes],))
+                   for i in range(processes)] if processes > 1 else []
+        for worker in workers:
+            worker.start()
+        if not workers:
+            _migrate_in_threads(shares)
+        for worker in workers:
+            worker.join()
+            if worker.exitcode:
+                sys.exit(f"a worker failed (exit code {worker.exitcode})")
+        wall = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = time.process_time() - cpu + (after.ru_utime + after.ru_stime) - (
+            children.ru_utime + children.ru_stime)
+        return count / wall, cpu / count * 1000
+
+
+def _migrate_in_threads(shares):
+    def migrate(share):
+        api = mf_api.MigrationAPI()
+        for inst in share:
+            mig = api.live_migrate(inst["uuid"])
             if mig["status"] != "completed":
-                sys.exit(f"migration failed: {mig['error']}")
-        return (time.process_time() - cpu) / count * 1000
+                failed.append(mig["error"])
+
+    failed = []
+    threads = [threading.Thread(target=migrate, args=(share,)) for share in shares]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failed:
+        sys.exit(f"{len(failed)} migrations failed, first: {failed[0]}")
 
 
 def _copies(timeline):
@@ -160,10 +198,16 @@ def main():
                         help=argparse.SUPPRESS)  # that row with copies of no time
     parser.add_argument("--serial", type=int, metavar="N",
                         help="only the CPU per migration of N serial migrations")
+    parser.add_argument("--split", nargs=2, type=int, metavar=("PROCESSES", "THREADS"),
+                        help="with --serial: split them between PROCESSES forked "
+                             "processes of THREADS threads each")
     args = parser.parse_args()
     if args.serial:
-        print(f"serial: {serial_cpu_ms(args.serial):.1f} CPU ms per migration "
-              f"({args.serial} live migrations one after the other, no copy time)")
+        processes, threads = args.split or (1, 1)
+        rate, cpu_ms = serial(args.serial, processes, threads)
+        print(f"serial: {cpu_ms:.1f} CPU ms per migration, {rate:.1f} migrations/s "
+              f"({args.serial} live migrations, no copy time, one after the other in "
+              f"each of {processes} process(es) x {threads} thread(s))")
         return
     if args.row:
         print(json.dumps(run_row(*args.row, args.processes, copy=not args.no_copy)))
