@@ -133,7 +133,10 @@ def test_configured_limit_applies_when_none_is_given(conf, db, driver):
 
 @pytest.mark.parametrize("processes", [1, 2])
 def test_two_drains_at_once_honour_the_global_limit(processes, conf, db, driver):
-    conf.set_override("time_scale", 2 * TIME_SCALE, group="fake_driver")
+    # copies of 600 ms: host-b's drain (4 rounds of 2) still copies when
+    # host-a's first migration, started later, reaches its copy, even on a
+    # loaded machine (at 120 ms the two drains once ran one after the other)
+    conf.set_override("time_scale", 10 * TIME_SCALE, group="fake_driver")
     conf.set_override("max_concurrent_migrations_global", 3)
     clouds = _cloud(db, driver, ["host-a", "host-b"], 8)
     reports = {}

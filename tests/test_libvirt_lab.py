@@ -27,7 +27,9 @@ LAB_HOSTS = ("lab-a", "lab-b")
 #: a TCG guest boots in 3-5 s and ticks every second; on a loaded machine
 #: (other jobs on its two cores) it can be several times slower
 BOOT_TIMEOUT_S = 90
-TICK_TIMEOUT_S = 45
+#: a guest that moved prints its next tick within this (45 s once was not
+#: enough under load: see guest_report in the failure for why)
+TICK_TIMEOUT_S = 90
 
 
 def add_lab_hosts(db, driver, shared_storage=None):
@@ -46,7 +48,9 @@ def ticks(console):
     return int(found[-1]) if found else 0
 
 
-def wait_for_ticks(console, above, timeout=BOOT_TIMEOUT_S):
+def wait_for_ticks(console, above, timeout=BOOT_TIMEOUT_S, diagnose=None):
+    """The guest's last tick once above ``above``; on timeout the failure
+    shows the console's end and what ``diagnose()`` says of the guest."""
     deadline = time.monotonic() + timeout
     while ticks(console) <= above:
         if time.monotonic() > deadline:
@@ -56,7 +60,8 @@ def wait_for_ticks(console, above, timeout=BOOT_TIMEOUT_S):
             except FileNotFoundError:
                 tail = "(no console file)"
             pytest.fail(f"guest console {console} shows no tick above {above} after "
-                        f"{timeout} s; it ends with:\n{tail}")
+                        f"{timeout} s; {diagnose() if diagnose else ''}\n"
+                        f"it ends with:\n{tail}")
         time.sleep(0.2)
     return ticks(console)
 
@@ -78,7 +83,26 @@ def assert_runs_on_lab_b(lab, db, uuid, still_ticking=False):
         ("lab-b", "running", None)
     if still_ticking:
         console = lab.console(lab.shared_instances, uuid)
-        wait_for_ticks(console, ticks(console), TICK_TIMEOUT_S)
+        wait_for_ticks(console, ticks(console), TICK_TIMEOUT_S,
+                       diagnose=lambda: guest_report(lab, "lab-b", uuid))
+
+
+def guest_report(lab, host, instance_uuid):
+    """What ``host``'s daemon and QEMU say of a guest (for a failure
+    message: a guest that stopped printing, running or stuck?)."""
+    import libvirt
+    import libvirt_qemu
+    conn = libvirt.open(lab.uri(host))
+    try:
+        dom = conn.lookupByUUIDString(instance_uuid)
+        state, reason = dom.state()
+        status = libvirt_qemu.qemuMonitorCommand(dom, "info status", 1).strip()
+        return (f"on {host}: state {state} reason {reason}, QEMU {status!r}, vCPU used "
+                f"{vcpu_seconds(lab, host, instance_uuid, 2.0):.2f} s in 2 s")
+    except libvirt.libvirtError as err:
+        return f"on {host}: {err}"
+    finally:
+        conn.close()
 
 
 def where(lab, instance_uuid):
