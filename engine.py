@@ -3,9 +3,10 @@ posting to the jobboard and the conductor that runs posted jobs.
 
 Flows are loaded with ``load_from_factory`` from module-level factories, so
 the flow detail records how to rebuild them; ``resume`` (or a conductor
-claiming a job) rebuilds and continues a flow from its persisted state.  A listener mirrors the step
-being run into the migration record (``current_step``), which is how
-``migration-show`` tells where a flow is.
+claiming a job) rebuilds and continues a flow from its persisted state.
+Every run gets the listeners of ``flow_events``: the step being run goes into
+the migration record (``current_step``, what ``migration-show`` tells), the
+phases into notifications.
 """
 import contextlib
 import logging
@@ -19,7 +20,6 @@ import taskflow.engines
 from taskflow import states as tf_states
 from taskflow.conductors.backends import impl_nonblocking as nonblocking
 from taskflow.jobs import backends as job_backends
-from taskflow.listeners import base as listener_base
 from taskflow.listeners import claims
 from taskflow.persistence import models as tf_models
 from taskflow.persistence.backends import impl_memory, impl_zookeeper
@@ -52,11 +52,9 @@ _backends_lock = threading.Lock()
 
 
 def persistence_url(conf=CONF):
-    """``[persistence] connection``; unset: the state database, except a
-    SQLite file's flows, which go to a file beside it
-    (``<name>.flows.sqlite``): SQLite lets one writer at a time into a file,
-    and a migration writes about as often to its flow as to its records,
-    so two files let both writers in at once."""
+    """``[persistence] connection``; unset: the state database, or beside a
+    SQLite file ``<name>.flows.sqlite`` (one writer at a time per file, and
+    a migration writes about as often to its flow as to its records)."""
     if conf.persistence.connection:
         return conf.persistence.connection
     state = db_api.get_db(conf).url
@@ -122,21 +120,6 @@ def reset():
         for backend in _backends.values():
             backend.close()
         _backends.clear()
-
-
-class StepMirror(listener_base.Listener):
-    """Writes the atom being executed or reverted into the migration record."""
-
-    def __init__(self, engine, migration_id):
-        super().__init__(engine, task_listen_for=(tf_states.RUNNING, tf_states.REVERTING),
-                         retry_listen_for=(), flow_listen_for=())
-        self._migration_id = migration_id
-
-    def _task_receiver(self, state, details):
-        step = details["task_name"]
-        if state == tf_states.REVERTING:
-            step = "revert:" + step
-        db_api.get_db().update_migration(self._migration_id, current_step=step)
 
 
 def _new_book(migration_id):
@@ -212,7 +195,7 @@ def _run_bound(engine, migration_id, listeners, owner_recorded):
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(serial_engine.running(engine))
-            stack.enter_context(StepMirror(engine, migration_id))
+            stack.enter_context(flow_events.StepMirror(engine, migration_id))
             stack.enter_context(flow_events.FlowEvents(engine))
             for factory in listeners:
                 stack.enter_context(factory(engine))
@@ -369,7 +352,7 @@ class MigrationConductor(nonblocking.NonBlockingConductor):
         listeners.append(claims.CheckingClaimListener(engine, job, self._jobboard, self._name))
         migration_id = (job.details or {}).get("migration_id")
         if migration_id:
-            listeners.append(StepMirror(engine, migration_id))
+            listeners.append(flow_events.StepMirror(engine, migration_id))
         listeners.append(flow_events.FlowEvents(engine))
         return listeners
 

@@ -1,5 +1,6 @@
 """What a running flow tells the world: the request and migration it works
-for on every log line, and the start / end / error of each of its phases as
+for on every log line, the step it runs in its migration's record
+(``StepMirror``), and the start / end / error of each of its phases as
 notifications (``notifications``).
 
 ``FlowEvents`` is attached to every flow the engine runs (in-process, resumed,
@@ -222,3 +223,18 @@ class FlowEvents(listener_base.Listener):
             elif mig is not None:
                 notifications.instance_action(self._phase, "end", mig,
                                               step=self._last_step, ctx=self._ctx)
+
+
+class StepMirror(listener_base.Listener):
+    """Writes the atom being executed or reverted into the migration record."""
+
+    def __init__(self, engine, migration_id):
+        super().__init__(engine, task_listen_for=(tf_states.RUNNING, tf_states.REVERTING),
+                         retry_listen_for=(), flow_listen_for=())
+        self._migration_id = migration_id
+
+    def _task_receiver(self, state, details):
+        step = details["task_name"]
+        if state == tf_states.REVERTING:
+            step = "revert:" + step
+        db_api.get_db().update_migration(self._migration_id, current_step=step)

@@ -169,7 +169,7 @@ def run(args):
         """Journals every state change; SIGKILLs the process at the chosen one.
 
         Registered for explicit states, not ANY: TaskFlow calls the ANY
-        callbacks before the state-specific ones (StepMirror's), and the kill
+        callbacks before the state-specific ones (flow_events.StepMirror's), and the kill
         must come after every product listener of that transition."""
 
         def __init__(self, engine_):
