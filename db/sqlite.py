@@ -1,6 +1,8 @@
 """SQLite fitted for concurrent durable writers, for the state database and
 the flow persistence alike: WAL, a busy timeout, a real connection pool,
 and ``BEGIN IMMEDIATE`` so writers queue instead of failing."""
+import collections
+import fcntl
 import os
 import sqlite3
 import threading
@@ -27,36 +29,80 @@ _tuned = weakref.WeakKeyDictionary()  # engine -> its tuning state
 _tune_lock = threading.Lock()
 
 
-# -- the writers' queue of this process, per database file ---------------------
+# -- the writers' queue, per database file -----------------------------------
 # SQLite lets one writer at a time into a file; the others sleep in its busy
 # handler (1, 2, 5, 10, ... 100 ms) and try again, so under load a writer
-# often sleeps long after the lock was free, and every failed try costs
-# CPU.  The writers of one process first queue on a plain lock per file
-# (woken as soon as it is free); SQLite's busy wait is left to writers of
-# other processes.  A writer that waited WRITER_QUEUE_TIMEOUT_S goes on
-# without it (SQLite's own wait then decides, as before).
+# often sleeps long after the lock was free (two processes writing the same
+# files then do no more than one), and every failed try costs CPU.  Writers
+# first queue here, and each is woken as soon as the lock is free: the
+# writers of one process on a plain lock per file, then those of every
+# process on an flock of ``<file>-writer`` beside it (the kernel wakes the
+# next; it is let go when its holder dies).  A thread that holds one file's
+# writer lock does not queue for another's (nobody waits here while holding
+# a place: no deadlock), nor does a writer that waited
+# WRITER_QUEUE_TIMEOUT_S in its process: SQLite's own wait decides then.
 WRITER_QUEUE_TIMEOUT_S = 30.0
 _WRITER_LOCK = "migrateflow_writer_lock"
 _writer_locks = {}
 _writer_locks_guard = threading.Lock()
+_holding = collections.Counter()  # thread ident -> writer locks it holds
 _paths = {}  # url.database -> the file's absolute path (None: in memory)
+
+
+class WriterLock:
+    """The writers' queue of one database file (see above)."""
+
+    def __init__(self, path):
+        self._local = threading.Lock()
+        self._sidecar = path + "-writer"
+        self._fd = None
+        self._owner = None
+
+    def locked(self):
+        return self._local.locked()
+
+    def acquire(self, timeout=WRITER_QUEUE_TIMEOUT_S):
+        if not self._local.acquire(timeout=timeout):
+            return False
+        try:
+            if self._fd is None:
+                self._fd = os.open(self._sidecar, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                                   0o644)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except OSError:  # a read-only place: this process's queue only
+            self._fd = None
+        self._owner = threading.get_ident()
+        _holding[self._owner] += 1
+        return True
+
+    def release(self):
+        owner, self._owner = self._owner, None
+        _holding[owner] -= 1
+        if not _holding[owner]:
+            del _holding[owner]
+        try:
+            if self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._local.release()
 
 
 def _writer_lock(path):
     lock = _writer_locks.get(path)
     if lock is None:
         with _writer_locks_guard:
-            lock = _writer_locks.setdefault(path, threading.Lock())
+            lock = _writer_locks.setdefault(path, WriterLock(path))
     return lock
 
 
 def take_writer_lock(path):
-    """Queue for ``path``'s write lock in this process: the lock to release
-    once the write transaction ended, or None (waited too long; no path)."""
-    if path is None:
+    """Queue for ``path``'s write lock: the lock to release once the write
+    transaction ended, or None (no path, waited too long, or this thread
+    already holds another file's)."""
+    if path is None or _holding.get(threading.get_ident()):
         return None
     lock = _writer_lock(path)
-    return lock if lock.acquire(timeout=WRITER_QUEUE_TIMEOUT_S) else None
+    return lock if lock.acquire() else None
 
 
 def _after_fork_in_child():
@@ -64,7 +110,8 @@ def _after_fork_in_child():
     and with pools of its own: SQLite connections must not cross a fork
     (its locks are per process), so the inherited ones are left to the
     parent, unused and unclosed."""
-    _writer_locks.clear()
+    _writer_locks.clear()  # the inherited flock descriptions are the parent's
+    _holding.clear()
     for engine in list(_tuned):
         engine.dispose(close=False)
 
@@ -165,7 +212,7 @@ def tune_sqlite_engine(engine, synchronous="NORMAL", pool_size=10,
         if state["file"] and not isinstance(engine.pool, sa_pool.QueuePool):
             old = engine.pool  # the arguments Pool.recreate() passes on
             engine.pool = sa_pool.QueuePool(
-                old._creator, pool_size=pool_size, max_overflow=max_overflow,
+                old._creator, pool_size=pool_size, max_overflow=max_overflow, use_lifo=True,
                 timeout=30, recycle=old._recycle, echo=old.echo,
                 logging_name=old._orig_logging_name, pre_ping=False,
                 reset_on_return=old._reset_on_return, dialect=old._dialect,

@@ -2,6 +2,9 @@
 the number of writes it costs, the reuse of a flow within one thread, and
 the writers' queue of a SQLite file."""
 import contextlib
+import multiprocessing
+import os
+import signal
 import threading
 
 import pytest
@@ -98,3 +101,57 @@ def test_writer_queue_released_after_commit_rollback_and_error(tmp_path):
     with eng.connect() as conn:
         assert sorted(conn.exec_driver_sql("SELECT x FROM t").scalars()) == [3]
     eng.dispose()
+
+
+def _hold_writer_lock(path, ready, release, then):
+    """In a forked child: hold ``path``'s writer lock until ``release`` is
+    set (or, with ``then`` "die", die holding it)."""
+    held = db_sqlite.take_writer_lock(path)
+    ready.set()
+    release.wait(30)
+    if then == "die":
+        os.kill(os.getpid(), signal.SIGKILL)
+    held.release()
+    os._exit(0)
+
+
+@pytest.mark.parametrize("then", ["release", "die"])
+def test_writer_queue_spans_processes(tmp_path, then):
+    """Another process's writer waits for the lock, and gets it as soon as
+    its holder lets go, or dies holding it (no sleeping busy wait)."""
+    path = str(tmp_path / "x.sqlite")
+    fork = multiprocessing.get_context("fork")
+    ready, release = fork.Event(), fork.Event()
+    child = fork.Process(target=_hold_writer_lock, args=(path, ready, release, then))
+    child.start()
+    assert ready.wait(30)
+    got = []
+    taker = threading.Thread(target=lambda: got.append(db_sqlite.take_writer_lock(path)))
+    taker.start()
+    taker.join(0.3)
+    assert taker.is_alive() and not got  # queued behind the other process
+    release.set()
+    taker.join(5)
+    assert got and got[0] is not None
+    got[0].release()
+    child.join(10)
+    assert child.exitcode == (-signal.SIGKILL if then == "die" else 0)
+
+
+def test_a_writer_holding_one_file_does_not_queue_for_another(tmp_path):
+    first = db_sqlite.take_writer_lock(str(tmp_path / "a.sqlite"))
+    try:
+        assert first is not None
+        assert db_sqlite.take_writer_lock(str(tmp_path / "b.sqlite")) is None
+        other = []
+        thread = threading.Thread(target=lambda: other.append(
+            db_sqlite.take_writer_lock(str(tmp_path / "b.sqlite"))))
+        thread.start()
+        thread.join(5)
+        assert other[0] is not None  # another thread queues as usual
+        other[0].release()
+    finally:
+        first.release()
+    again = db_sqlite.take_writer_lock(str(tmp_path / "b.sqlite"))
+    assert again is not None
+    again.release()
