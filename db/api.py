@@ -21,6 +21,23 @@ from migrateflow.db.common import now as _now, retry as _retry, row as _row
 _SEL_HOST = m.hosts.select().where(m.hosts.c.name == sa.bindparam("key"))
 _SEL_INSTANCE = m.instances.select().where(m.instances.c.uuid == sa.bindparam("key"))
 _raw_selects = {}
+# statements run by every migration, built once (their cache keys with them)
+_h = m.hosts.c
+_SEL_HOSTS = m.hosts.select().order_by(_h.name)
+_UPD_INSTANCE = m.instances.update().where(m.instances.c.uuid == sa.bindparam("b_uuid"))
+_CONSUME = m.hosts.update().where(
+    _h.name == sa.bindparam("b_host"),
+    _h.memory_mb - _h.memory_reserved_mb - _h.memory_used_mb >= sa.bindparam("b_memory"),
+    _h.disk_gb - _h.disk_used_gb >= sa.bindparam("b_disk"),
+).values(memory_used_mb=_h.memory_used_mb + sa.bindparam("b_memory"),
+         vcpus_used=_h.vcpus_used + sa.bindparam("b_vcpus"),
+         disk_used_gb=_h.disk_used_gb + sa.bindparam("b_disk"),
+         updated_at=sa.bindparam("b_now"))
+_RELEASE = m.hosts.update().where(_h.name == sa.bindparam("b_host")).values(
+    memory_used_mb=_h.memory_used_mb - sa.bindparam("b_memory"),
+    vcpus_used=_h.vcpus_used - sa.bindparam("b_vcpus"),
+    disk_used_gb=_h.disk_used_gb - sa.bindparam("b_disk"),
+    updated_at=sa.bindparam("b_now"))
 
 
 def _columns(table):
@@ -152,7 +169,7 @@ class StateDB(moves.MigrationRecords, resizes.ResizeRecords, attachments.Attachm
     @_retry
     def list_hosts(self):
         with self._reader() as conn:
-            rows = conn.execute(m.hosts.select().order_by(m.hosts.c.name))
+            rows = conn.execute(_SEL_HOSTS)
             return [_host_dict(r) for r in rows]
 
     @_retry
@@ -209,17 +226,11 @@ class StateDB(moves.MigrationRecords, resizes.ResizeRecords, attachments.Attachm
 
     def _consume(self, conn, host, memory_mb, vcpus, disk_gb):
         """Add usage to ``host`` only if it fits; else InsufficientResources."""
-        h = m.hosts.c
-        res = conn.execute(m.hosts.update().where(
-            h.name == host,
-            h.memory_mb - h.memory_reserved_mb - h.memory_used_mb >= memory_mb,
-            h.disk_gb - h.disk_used_gb >= disk_gb,
-        ).values(memory_used_mb=h.memory_used_mb + memory_mb,
-                 vcpus_used=h.vcpus_used + vcpus,
-                 disk_used_gb=h.disk_used_gb + disk_gb, updated_at=_now()))
+        res = conn.execute(_CONSUME, {"b_host": host, "b_memory": memory_mb, "b_vcpus": vcpus,
+                                      "b_disk": disk_gb, "b_now": _now()})
         if res.rowcount == 1:
             return
-        row = conn.execute(m.hosts.select().where(h.name == host)).first()
+        row = conn.execute(_SEL_HOST, {"key": host}).first()
         if row is None:
             raise exc.HostNotFound(host)
         free_mem = row.memory_mb - row.memory_reserved_mb - row.memory_used_mb
@@ -229,11 +240,8 @@ class StateDB(moves.MigrationRecords, resizes.ResizeRecords, attachments.Attachm
 
     @staticmethod
     def _release(conn, host, memory_mb, vcpus, disk_gb):
-        h = m.hosts.c
-        conn.execute(m.hosts.update().where(h.name == host).values(
-            memory_used_mb=h.memory_used_mb - memory_mb,
-            vcpus_used=h.vcpus_used - vcpus,
-            disk_used_gb=h.disk_used_gb - disk_gb, updated_at=_now()))
+        conn.execute(_RELEASE, {"b_host": host, "b_memory": memory_mb, "b_vcpus": vcpus,
+                                "b_disk": disk_gb, "b_now": _now()})
 
     @_retry
     def get_instance(self, instance_uuid):
@@ -256,8 +264,12 @@ class StateDB(moves.MigrationRecords, resizes.ResizeRecords, attachments.Attachm
         Returns True when the row changed (the compare-and-swap won).
         """
         values["updated_at"] = _now()
+        if not expected:
+            with self._writer() as conn:
+                return conn.execute(_UPD_INSTANCE, dict(values, b_uuid=instance_uuid)
+                                    ).rowcount == 1
         query = m.instances.update().where(m.instances.c.uuid == instance_uuid)
-        for column, value in (expected or {}).items():
+        for column, value in expected.items():
             col = m.instances.c[column]
             query = query.where(col.is_(None) if value is None else col == value)
         with self._writer() as conn:

@@ -8,14 +8,33 @@ import sqlalchemy as sa
 from migrateflow.db import models as m
 from migrateflow.db.common import now as _now, retry as _retry
 
+# statements run by every migration, built once (their cache keys with them)
+_b, _v = m.port_bindings.c, m.volume_connections.c
+_PORTS = sa.bindparam("b_ports", expanding=True)
+_VOLUMES = sa.bindparam("b_volumes", expanding=True)
+_HOST = sa.bindparam("b_host")
+_SEL_PORTS = m.ports.select().where(
+    m.ports.c.instance_uuid == sa.bindparam("b_instance")).order_by(m.ports.c.network_id)
+_SEL_BLOCK_DEVICES = m.block_devices.select().where(
+    m.block_devices.c.instance_uuid == sa.bindparam("b_instance")).order_by(
+        m.block_devices.c.device_name)
+_SEL_BOUND = sa.select(_b.port_id).where(_b.host == _HOST, _b.port_id.in_(_PORTS))
+_INS_BINDING = m.port_bindings.insert()
+_ACTIVATE_BINDINGS = m.port_bindings.update().where(
+    _b.host == _HOST, _b.port_id.in_(_PORTS), _b.status != "ACTIVE")
+_DEL_OTHER_BINDINGS = m.port_bindings.delete().where(_b.host != _HOST, _b.port_id.in_(_PORTS))
+_SEL_CONNECTED = sa.select(_v.volume_id).where(_v.host == _HOST, _v.volume_id.in_(_VOLUMES))
+_INS_CONNECTION = m.volume_connections.insert()
+_DEL_CONNECTIONS = m.volume_connections.delete().where(
+    _v.host == _HOST, _v.volume_id.in_(_VOLUMES))
+
 
 class Attachments:
     """Ports, bindings, volumes; needs StateDB's plumbing."""
 
     # -- ports and bindings (the embedded network service's records) ----------
     def list_ports(self, instance_uuid):
-        return self._fetch_all(m.ports.select().where(
-            m.ports.c.instance_uuid == instance_uuid).order_by(m.ports.c.network_id))
+        return self._fetch_all(_SEL_PORTS, {"b_instance": instance_uuid})
 
     def list_port_bindings(self, instance_uuid=None, host=None):
         b = m.port_bindings.c
@@ -30,16 +49,16 @@ class Attachments:
     @_retry
     def add_port_bindings(self, port_ids, host, status, migration_uuid=None):
         """Create a binding per port on ``host`` unless one exists."""
-        b = m.port_bindings.c
         now = _now()
         with self._writer() as conn:
-            existing = {r.port_id for r in conn.execute(sa.select(b.port_id).where(
-                b.host == host, b.port_id.in_(list(port_ids))))}
+            existing = set(conn.execute(_SEL_BOUND, {"b_host": host,
+                                                     "b_ports": list(port_ids)}).scalars())
             for port_id in port_ids:
                 if port_id not in existing:
-                    conn.execute(m.port_bindings.insert().values(
-                        port_id=port_id, host=host, status=status,
-                        migration_uuid=migration_uuid, created_at=now, updated_at=now))
+                    conn.execute(_INS_BINDING, {
+                        "port_id": port_id, "host": host, "status": status,
+                        "migration_uuid": migration_uuid, "created_at": now,
+                        "updated_at": now})
         return len(set(port_ids) - existing)
 
     @_retry
@@ -54,21 +73,16 @@ class Attachments:
     @_retry
     def activate_port_bindings(self, port_ids, host):
         """Make ``host``'s bindings ACTIVE and drop every other binding."""
-        b = m.port_bindings.c
-        port_ids = list(port_ids)
+        where = {"b_host": host, "b_ports": list(port_ids)}
         with self._writer() as conn:
-            changed = conn.execute(m.port_bindings.update().where(
-                b.host == host, b.port_id.in_(port_ids), b.status != "ACTIVE").values(
-                    status="ACTIVE", updated_at=_now())).rowcount
-            changed += conn.execute(m.port_bindings.delete().where(
-                b.host != host, b.port_id.in_(port_ids))).rowcount
+            changed = conn.execute(_ACTIVATE_BINDINGS, dict(
+                where, status="ACTIVE", updated_at=_now())).rowcount
+            changed += conn.execute(_DEL_OTHER_BINDINGS, where).rowcount
         return changed
 
     # -- block devices and volume connections (the volume service's records) --
     def list_block_devices(self, instance_uuid):
-        return self._fetch_all(m.block_devices.select().where(
-            m.block_devices.c.instance_uuid == instance_uuid).order_by(
-                m.block_devices.c.device_name))
+        return self._fetch_all(_SEL_BLOCK_DEVICES, {"b_instance": instance_uuid})
 
     def list_volume_connections(self, instance_uuid=None, host=None):
         v = m.volume_connections.c
@@ -81,23 +95,22 @@ class Attachments:
 
     @_retry
     def add_volume_connections(self, instance_uuid, volume_ids, host, migration_uuid=None):
-        v = m.volume_connections.c
         now = _now()
         with self._writer() as conn:
-            existing = {r.volume_id for r in conn.execute(sa.select(v.volume_id).where(
-                v.host == host, v.volume_id.in_(list(volume_ids))))}
+            existing = set(conn.execute(_SEL_CONNECTED, {
+                "b_host": host, "b_volumes": list(volume_ids)}).scalars())
             for volume_id in volume_ids:
                 if volume_id not in existing:
-                    conn.execute(m.volume_connections.insert().values(
-                        volume_id=volume_id, instance_uuid=instance_uuid, host=host,
-                        migration_uuid=migration_uuid,
-                        connection_info=json.dumps({"target": f"iqn.{volume_id}", "host": host}),
-                        created_at=now, updated_at=now))
+                    conn.execute(_INS_CONNECTION, {
+                        "volume_id": volume_id, "instance_uuid": instance_uuid,
+                        "host": host, "migration_uuid": migration_uuid,
+                        "connection_info": json.dumps({"target": f"iqn.{volume_id}",
+                                                       "host": host}),
+                        "created_at": now, "updated_at": now})
         return len(set(volume_ids) - existing)
 
     @_retry
     def delete_volume_connections(self, volume_ids, host):
-        v = m.volume_connections.c
         with self._writer() as conn:
-            return conn.execute(m.volume_connections.delete().where(
-                v.host == host, v.volume_id.in_(list(volume_ids)))).rowcount
+            return conn.execute(_DEL_CONNECTIONS, {"b_host": host,
+                                                   "b_volumes": list(volume_ids)}).rowcount

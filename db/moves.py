@@ -15,6 +15,19 @@ _SEL_MIGRATION = m.migrations.select().where(_MIG.uuid == sa.bindparam("key"))
 _UPD_MIGRATION = m.migrations.update().where(_MIG.uuid == sa.bindparam("b_uuid"))
 _UPD_MIGRATION_FROM = _UPD_MIGRATION.where(
     _MIG.status.in_(sa.bindparam("b_statuses", expanding=True)))
+# the other statements every migration runs, built once (cache keys with them)
+_I, _C = m.instances.c, m.resource_claims.c
+_INS_MIGRATION = m.migrations.insert()
+_CLAIM_INSTANCE = m.instances.update().where(
+    _I.uuid == sa.bindparam("b_uuid"), _I.task_state.is_(None),
+    _I.host == sa.bindparam("b_host"))
+_UPD_INSTANCE = m.instances.update().where(_I.uuid == sa.bindparam("b_uuid"))
+_UPD_INSTANCE_ON = _UPD_INSTANCE.where(_I.host == sa.bindparam("b_host"))
+_SEL_INSTANCE = m.instances.select().where(_I.uuid == sa.bindparam("b_uuid"))
+_SEL_CLAIM = m.resource_claims.select().where(
+    _C.migration_uuid == sa.bindparam("b_migration"), _C.host == sa.bindparam("b_host"))
+_INS_CLAIM = m.resource_claims.insert()
+_DEL_CLAIM = m.resource_claims.delete().where(_C.id == sa.bindparam("b_id"))
 
 
 class MigrationRecords:
@@ -36,13 +49,11 @@ class MigrationRecords:
         """
         now = _now()
         migration_uuid = str(uuidlib.uuid4())
-        i = m.instances.c
         with self._writer() as conn:
-            res = conn.execute(m.instances.update().where(
-                i.uuid == instance_uuid, i.task_state.is_(None), i.host == source_host,
-            ).values(task_state=task_state, updated_at=now))
+            res = conn.execute(_CLAIM_INSTANCE, {"b_uuid": instance_uuid, "b_host": source_host,
+                                                 "task_state": task_state, "updated_at": now})
             if res.rowcount != 1:
-                row = conn.execute(m.instances.select().where(i.uuid == instance_uuid)).first()
+                row = conn.execute(_SEL_INSTANCE, {"b_uuid": instance_uuid}).first()
                 if row is None:
                     raise exc.InstanceNotFound(instance_uuid)
                 if row.task_state is not None:
@@ -53,7 +64,7 @@ class MigrationRecords:
                     f"instance {instance_uuid} is on host {row.host!r}, not {source_host!r}")
             if quota:
                 self._reserve_quota(conn, migration_uuid, **quota)
-            conn.execute(m.migrations.insert().values(
+            conn.execute(_INS_MIGRATION, dict(
                 uuid=migration_uuid, instance_uuid=instance_uuid,
                 migration_type=migration_type, status=status, source_host=source_host,
                 dest_host=dest_host, requested_dest=requested_dest,
@@ -123,15 +134,13 @@ class MigrationRecords:
         """
         now = _now()
         with self._writer() as conn:
-            res = conn.execute(m.migrations.update().where(
-                m.migrations.c.uuid == migration_uuid,
-                m.migrations.c.status.in_(list(expected_statuses)),
-            ).values(status=status, finished_at=now, updated_at=now, **values))
+            res = conn.execute(_UPD_MIGRATION_FROM, dict(
+                values, status=status, finished_at=now, updated_at=now, b_uuid=migration_uuid,
+                b_statuses=list(expected_statuses)))
             if res.rowcount != 1:
                 return False
-            conn.execute(m.instances.update().where(
-                m.instances.c.uuid == instance_uuid).values(
-                    task_state=None, updated_at=now, **(instance_values or {})))
+            conn.execute(_UPD_INSTANCE, dict(instance_values or {}, task_state=None,
+                                             updated_at=now, b_uuid=instance_uuid))
         return True
 
     @_retry
@@ -156,15 +165,14 @@ class MigrationRecords:
         Idempotent: an existing claim of this migration on this host is kept.
         """
         local_disk = 0 if instance["volume_backed"] else instance["disk_gb"]
-        c = m.resource_claims.c
         with self._writer() as conn:
-            existing = conn.execute(sa.select(c.id).where(
-                c.migration_uuid == migration_uuid, c.host == host)).first()
+            existing = conn.execute(_SEL_CLAIM, {"b_migration": migration_uuid,
+                                                 "b_host": host}).first()
             if existing is not None:
                 return False
             self._consume(conn, host, instance["memory_mb"], instance["vcpus"], local_disk)
             now = _now()
-            conn.execute(m.resource_claims.insert().values(
+            conn.execute(_INS_CLAIM, dict(
                 migration_uuid=migration_uuid, instance_uuid=instance["uuid"], host=host,
                 memory_mb=instance["memory_mb"], vcpus=instance["vcpus"],
                 disk_gb=local_disk, created_at=now, updated_at=now))
@@ -173,13 +181,12 @@ class MigrationRecords:
     @_retry
     def drop_claim(self, migration_uuid, host):
         """Give the claimed resources back (idempotent)."""
-        c = m.resource_claims.c
         with self._writer() as conn:
-            claim = conn.execute(m.resource_claims.select().where(
-                c.migration_uuid == migration_uuid, c.host == host)).first()
+            claim = conn.execute(_SEL_CLAIM, {"b_migration": migration_uuid,
+                                              "b_host": host}).first()
             if claim is None:
                 return False
-            conn.execute(m.resource_claims.delete().where(c.id == claim.id))
+            conn.execute(_DEL_CLAIM, {"b_id": claim.id})
             self._release(conn, host, claim.memory_mb, claim.vcpus, claim.disk_gb)
         return True
 
@@ -200,28 +207,20 @@ class MigrationRecords:
         source's usage is released.  Idempotent: once the instance is on
         ``dest`` nothing changes.
         """
-        i = m.instances.c
-        c = m.resource_claims.c
         now = _now()
         with self._writer() as conn:
-            res = conn.execute(m.instances.update().where(
-                i.uuid == instance_uuid, i.host == source).values(
-                    host=dest, updated_at=now, **values))
+            res = conn.execute(_UPD_INSTANCE_ON, dict(
+                values, host=dest, updated_at=now, b_uuid=instance_uuid, b_host=source))
             if res.rowcount != 1:
                 return False
-            inst = conn.execute(m.instances.select().where(i.uuid == instance_uuid)).first()
-            claim = conn.execute(m.resource_claims.select().where(
-                c.migration_uuid == migration_uuid, c.host == dest)).first()
-            if claim is not None:
-                conn.execute(m.resource_claims.delete().where(c.id == claim.id))
-            else:
-                local_disk = 0 if inst.volume_backed else inst.disk_gb
-                h = m.hosts.c
-                conn.execute(m.hosts.update().where(h.name == dest).values(
-                    memory_used_mb=h.memory_used_mb + inst.memory_mb,
-                    vcpus_used=h.vcpus_used + inst.vcpus,
-                    disk_used_gb=h.disk_used_gb + local_disk, updated_at=now))
+            inst = conn.execute(_SEL_INSTANCE, {"b_uuid": instance_uuid}).first()
+            claim = conn.execute(_SEL_CLAIM, {"b_migration": migration_uuid,
+                                              "b_host": dest}).first()
             local_disk = 0 if inst.volume_backed else inst.disk_gb
+            if claim is not None:
+                conn.execute(_DEL_CLAIM, {"b_id": claim.id})
+            else:  # the usage is the instance's, claimed or not
+                self._release(conn, dest, -inst.memory_mb, -inst.vcpus, -local_disk)
             self._release(conn, source, inst.memory_mb, inst.vcpus, local_disk)
         return True
 
