@@ -24,7 +24,6 @@ _raw_selects = {}
 # statements run by every migration, built once (their cache keys with them)
 _h = m.hosts.c
 _SEL_HOSTS = m.hosts.select().order_by(_h.name)
-_UPD_INSTANCE = m.instances.update().where(m.instances.c.uuid == sa.bindparam("b_uuid"))
 _CONSUME = m.hosts.update().where(
     _h.name == sa.bindparam("b_host"),
     _h.memory_mb - _h.memory_reserved_mb - _h.memory_used_mb >= sa.bindparam("b_memory"),
@@ -266,7 +265,7 @@ class StateDB(moves.MigrationRecords, resizes.ResizeRecords, attachments.Attachm
         values["updated_at"] = _now()
         if not expected:
             with self._writer() as conn:
-                return conn.execute(_UPD_INSTANCE, dict(values, b_uuid=instance_uuid)
+                return conn.execute(moves.UPDATE_INSTANCE, dict(values, b_uuid=instance_uuid)
                                     ).rowcount == 1
         query = m.instances.update().where(m.instances.c.uuid == instance_uuid)
         for column, value in expected.items():

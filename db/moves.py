@@ -21,8 +21,9 @@ _INS_MIGRATION = m.migrations.insert()
 _CLAIM_INSTANCE = m.instances.update().where(
     _I.uuid == sa.bindparam("b_uuid"), _I.task_state.is_(None),
     _I.host == sa.bindparam("b_host"))
-_UPD_INSTANCE = m.instances.update().where(_I.uuid == sa.bindparam("b_uuid"))
-_UPD_INSTANCE_ON = _UPD_INSTANCE.where(_I.host == sa.bindparam("b_host"))
+#: an instance by uuid; the SET clause from the parameters (also StateDB's)
+UPDATE_INSTANCE = m.instances.update().where(_I.uuid == sa.bindparam("b_uuid"))
+_UPD_INSTANCE_ON = UPDATE_INSTANCE.where(_I.host == sa.bindparam("b_host"))
 _SEL_INSTANCE = m.instances.select().where(_I.uuid == sa.bindparam("b_uuid"))
 _SEL_CLAIM = m.resource_claims.select().where(
     _C.migration_uuid == sa.bindparam("b_migration"), _C.host == sa.bindparam("b_host"))
@@ -139,7 +140,7 @@ class MigrationRecords:
                 b_statuses=list(expected_statuses)))
             if res.rowcount != 1:
                 return False
-            conn.execute(_UPD_INSTANCE, dict(instance_values or {}, task_state=None,
+            conn.execute(UPDATE_INSTANCE, dict(instance_values or {}, task_state=None,
                                              updated_at=now, b_uuid=instance_uuid))
         return True
 
