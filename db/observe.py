@@ -39,12 +39,15 @@ def _selected():
     return notifications.state_change_selected() is not None
 
 
-def _states(conn, where):
+def _states(conn, where, param_sets=({},)):
+    """{uuid: states} of the instances ``where`` selects, with each of the
+    statement's parameter sets (its WHERE may have bound parameters)."""
     cols = [m.instances.c[name] for name in _COLUMNS]
     query = sa.select(*cols)
     if where is not None:
         query = query.where(where)
-    return {row.uuid: dict(row._mapping) for row in conn.execute(query)}
+    return {row.uuid: dict(row._mapping)
+            for params in param_sets for row in conn.execute(query, params)}
 
 
 def _before(conn, clauseelement, multiparams, params, execution_options):
@@ -52,7 +55,8 @@ def _before(conn, clauseelement, multiparams, params, execution_options):
         return
     if isinstance(clauseelement, dml.Update) and clauseelement.table is m.instances \
             and _selected():
-        conn.info[_BEFORE] = _states(conn, clauseelement.whereclause)
+        param_sets = [params] if params else [p for p in multiparams if isinstance(p, dict)]
+        conn.info[_BEFORE] = _states(conn, clauseelement.whereclause, param_sets or [{}])
 
 
 def _after(conn, clauseelement, multiparams, params, execution_options, result):
