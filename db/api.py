@@ -19,7 +19,6 @@ from migrateflow.db import models as m
 from migrateflow.db.common import now as _now, retry as _retry, row as _row
 
 _SEL_HOST = m.hosts.select().where(m.hosts.c.name == sa.bindparam("key"))
-_SEL_INSTANCE = m.instances.select().where(m.instances.c.uuid == sa.bindparam("key"))
 _raw_selects = {}
 # statements run by every migration, built once (their cache keys with them)
 _h = m.hosts.c
@@ -244,7 +243,7 @@ class StateDB(moves.MigrationRecords, resizes.ResizeRecords, attachments.Attachm
 
     @_retry
     def get_instance(self, instance_uuid):
-        inst = self._row_by(m.instances, "uuid", instance_uuid, _SEL_INSTANCE)
+        inst = self._row_by(m.instances, "uuid", instance_uuid, moves.SELECT_INSTANCE)
         if inst is None:
             raise exc.InstanceNotFound(instance_uuid)
         return inst

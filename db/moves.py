@@ -24,7 +24,8 @@ _CLAIM_INSTANCE = m.instances.update().where(
 #: an instance by uuid; the SET clause from the parameters (also StateDB's)
 UPDATE_INSTANCE = m.instances.update().where(_I.uuid == sa.bindparam("b_uuid"))
 _UPD_INSTANCE_ON = UPDATE_INSTANCE.where(_I.host == sa.bindparam("b_host"))
-_SEL_INSTANCE = m.instances.select().where(_I.uuid == sa.bindparam("b_uuid"))
+#: an instance by uuid (bind "key"; also StateDB's)
+SELECT_INSTANCE = m.instances.select().where(_I.uuid == sa.bindparam("key"))
 _SEL_CLAIM = m.resource_claims.select().where(
     _C.migration_uuid == sa.bindparam("b_migration"), _C.host == sa.bindparam("b_host"))
 _INS_CLAIM = m.resource_claims.insert()
@@ -54,7 +55,7 @@ class MigrationRecords:
             res = conn.execute(_CLAIM_INSTANCE, {"b_uuid": instance_uuid, "b_host": source_host,
                                                  "task_state": task_state, "updated_at": now})
             if res.rowcount != 1:
-                row = conn.execute(_SEL_INSTANCE, {"b_uuid": instance_uuid}).first()
+                row = conn.execute(SELECT_INSTANCE, {"key": instance_uuid}).first()
                 if row is None:
                     raise exc.InstanceNotFound(instance_uuid)
                 if row.task_state is not None:
@@ -214,7 +215,7 @@ class MigrationRecords:
                 values, host=dest, updated_at=now, b_uuid=instance_uuid, b_host=source))
             if res.rowcount != 1:
                 return False
-            inst = conn.execute(_SEL_INSTANCE, {"b_uuid": instance_uuid}).first()
+            inst = conn.execute(SELECT_INSTANCE, {"key": instance_uuid}).first()
             claim = conn.execute(_SEL_CLAIM, {"b_migration": migration_uuid,
                                               "b_host": dest}).first()
             local_disk = 0 if inst.volume_backed else inst.disk_gb
