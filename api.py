@@ -20,7 +20,7 @@ import time
 from migrateflow import context as context_mod
 from migrateflow import engine
 from migrateflow import exceptions as exc
-from migrateflow import evacuation_api, inventory_api, notifications, policy
+from migrateflow import evacuation_api, inventory_api, lifecycle, notifications, policy
 from migrateflow import resize_api, scheduler
 from migrateflow.conf import CONF
 from migrateflow.db import api as db_api
@@ -272,4 +272,4 @@ class MigrationAPI(resize_api.ResizeOps, evacuation_api.EvacuationOps,
                 return mig
             if deadline is not None and time.monotonic() >= deadline:
                 return mig
-            time.sleep(poll)
+            lifecycle.sleep(poll)

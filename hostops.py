@@ -16,8 +16,14 @@ the flows, out of the gates' reach: the whole migration is gated there.
 What cannot move live (not active and running, refused, or rolled back) is
 reported, or with ``cold_fallback`` cold-migrated (``MigrationAPI.migrate``)
 and confirmed (``MigrationAPI.confirm_resize``), that whole move gated.
+
+With worker processes over the embedded SQLite files, the threads of each
+worker take turns (``lifecycle.Turns``): one runs its flow until it waits
+(the copy, a gate, a hypervisor daemon, another thread's write), and the
+next runs, rather than all of them trading the GIL at every SQLite call.
 """
 import concurrent.futures
+import contextlib
 import datetime
 import logging
 import math
@@ -27,6 +33,7 @@ import threading
 import time
 
 from migrateflow import exceptions as exc
+from migrateflow import lifecycle
 from migrateflow import scheduler
 from migrateflow.states import LiveMigrationStatus, MoveStatus
 from migrateflow.tasks import live_migrate
@@ -173,8 +180,9 @@ def _run(api, instances, gate, cold_fallback, host, processes, threads):
             _SERVER.set_forkserver_preload(["migrateflow.api", "migrateflow.db.migration"])
             spawn, spec = _SERVER.Process, (_settings(api.conf), api.listeners,
                                             api.context and api.context.to_store())
+    turns = processes > 1 and threads > 1 and _local_files(api.conf)
     workers = [spawn(target=_worker, name=f"drain-{host}-{i}", daemon=True,
-                     args=(spec, gate, cold_fallback, threads, jobs, done))
+                     args=(spec, gate, cold_fallback, threads, jobs, done, turns))
                for i in range(processes)]
     for worker in workers:  # before the queues start their threads here
         worker.start()
@@ -202,6 +210,25 @@ def _run(api, instances, gate, cold_fallback, host, processes, threads):
         yield _result(inst, error="the worker running its migration exited")
 
 
+def _local_files(conf):
+    """True when the state database and the flow persistence are SQLite
+    files and the flows run here: a worker process's migration threads then
+    take turns (``lifecycle.Turns``), each running until it waits for the
+    copy, a gate or a hypervisor daemon.  With a database server, or flows
+    run by the jobboard's conductors, they run freely: their waits on the
+    server overlap."""
+    from migrateflow import engine
+    from migrateflow.db import api as db_api
+    if conf.jobboard.enabled:
+        return False
+    urls = [db_api.get_db(conf).url]
+    if conf.persistence.backend == "sql":
+        urls.append(engine.persistence_url(conf))
+    elif conf.persistence.backend != "memory":
+        return False
+    return all(str(url).startswith("sqlite:") for url in urls)
+
+
 def _settings(conf):
     """Every option's value, for a worker process started by the server."""
     from migrateflow.conf import list_opts
@@ -209,10 +236,10 @@ def _settings(conf):
             for g, opts in ((getattr(g, "name", g), o) for g, o in list_opts()) for opt in opts]
 
 
-def _worker(spec, gate, cold_fallback, threads, jobs, done):
+def _worker(spec, gate, cold_fallback, threads, jobs, done, turns=False):
     """``threads`` instances at once from ``jobs`` until None, each result
     to ``done``.  ``spec``: the API, or the settings and listeners to build
-    it from (a fork server's child)."""
+    it from (a fork server's child).  ``turns``: the threads take turns."""
     if isinstance(spec, tuple):
         from migrateflow import api as mf_api
         from migrateflow import context
@@ -232,7 +259,7 @@ def _worker(spec, gate, cold_fallback, threads, jobs, done):
 
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         while free.acquire() and (inst := jobs.get()) is not None:
-            future = pool.submit(_drain_one, spec, inst, gate, cold_fallback)
+            future = pool.submit(_drain_one, spec, inst, gate, cold_fallback, turns)
             future.add_done_callback(lambda f, inst=inst: finished(f, inst))
 
 
@@ -241,8 +268,14 @@ def _result(inst, **values):
             "migration": None, "status": "refused", "error": None, **values}
 
 
-def _drain_one(api, inst, gate, cold_fallback):
+def _drain_one(api, inst, gate, cold_fallback, turns=False):
     result = _result(inst)
+    with lifecycle.TURNS.take() if turns else contextlib.nullcontext():
+        _move(api, inst, gate, cold_fallback, result)
+    return result
+
+
+def _move(api, inst, gate, cold_fallback, result):
     try:
         reason = _live(api, inst, gate, result)
         if reason is not None and cold_fallback:
@@ -252,7 +285,6 @@ def _drain_one(api, inst, gate, cold_fallback):
     except Exception as err:  # noqa: BLE001 - reported per instance
         LOG.exception("drain of instance=%s failed", inst["uuid"])
         result["error"] = f"{type(err).__name__}: {err}"
-    return result
 
 
 def _live(api, inst, gate, result):
@@ -264,7 +296,8 @@ def _live(api, inst, gate, result):
         return err.message
     whole_flow = api.conf.jobboard.enabled
     if whole_flow:
-        gate.acquire()
+        with lifecycle.waiting():
+            gate.acquire()
     else:
         live_migrate.register_copy_gate(inst["uuid"], gate)
     try:
@@ -287,7 +320,8 @@ def _live(api, inst, gate, result):
 
 def _cold(api, inst, gate, result, reason):
     """Cold-migrate, then confirm; the whole move holds the gate."""
-    gate.acquire()
+    with lifecycle.waiting():
+        gate.acquire()
     try:
         mig = api.migrate(inst["uuid"], wait=True)
         result.update(method="cold", migration=mig["uuid"], status=mig["status"],

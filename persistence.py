@@ -26,6 +26,7 @@ from taskflow.persistence import base
 from taskflow.persistence import models
 from taskflow.types import failure as ft
 
+from migrateflow import lifecycle
 from migrateflow.db import sqlite
 from migrateflow.db.sqlite import SQLITE_BEGIN_OPTION, tune_sqlite_engine  # noqa: F401
 
@@ -222,8 +223,8 @@ class Connection(base.Connection):
             except _DB_ERRORS as e:
                 if attempt < 7 and time.monotonic() < deadline and \
                         _retryable(e):
-                    time.sleep(min(0.2, 0.005 * 2 ** attempt) *
-                               (0.5 + random.random()))
+                    lifecycle.sleep(min(0.2, 0.005 * 2 ** attempt) *
+                                    (0.5 + random.random()))
                     continue
                 exc.raise_with_cause(exc.StorageFailure, "Failed %s" % what)
 

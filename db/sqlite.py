@@ -12,6 +12,8 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import pool as sa_pool
 
+from migrateflow import lifecycle
+
 #: execution option read by the SQLite ``begin`` hook: "DEFERRED", "IMMEDIATE"
 #: (used when the option is unset) or "EXCLUSIVE"
 SQLITE_BEGIN_OPTION = "migrateflow_sqlite_begin"
@@ -41,6 +43,8 @@ _tune_lock = threading.Lock()
 # writer lock does not queue for another's (nobody waits here while holding
 # a place: no deadlock), nor does a writer that waited
 # WRITER_QUEUE_TIMEOUT_S in its process: SQLite's own wait decides then.
+# A thread that takes turns (``lifecycle.Turns``) gives its turn away while
+# it queues behind another thread of its process.
 WRITER_QUEUE_TIMEOUT_S = 30.0
 _WRITER_LOCK = "migrateflow_writer_lock"
 _writer_locks = {}
@@ -62,8 +66,10 @@ class WriterLock:
         return self._local.locked()
 
     def acquire(self, timeout=WRITER_QUEUE_TIMEOUT_S):
-        if not self._local.acquire(timeout=timeout):
-            return False
+        if not self._local.acquire(blocking=False):
+            with lifecycle.waiting():  # another thread of ours writes: a wait
+                if not self._local.acquire(timeout=timeout):
+                    return False
         try:
             if self._fd is None:
                 self._fd = os.open(self._sidecar, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,

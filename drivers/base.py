@@ -41,9 +41,8 @@ Evacuation (the source host is down):
 A *flavor* is {"name", "memory_mb", "vcpus", "disk_gb"}.
 """
 import abc
-import time
 
-from migrateflow import exceptions
+from migrateflow import exceptions, lifecycle
 
 
 def source_migrate_data(source, instance, dest_check_data, shared):
@@ -87,6 +86,11 @@ class MigrationJob(dict):
 
 class ComputeDriver(abc.ABC):
     """A hypervisor reached by host name."""
+
+    #: False: a call may wait on a hypervisor daemon, so a migration thread
+    #: that takes turns gives its turn away during it (lifecycle.Turns);
+    #: True: calls only do local work (their own waits give the turn away)
+    LOCAL_CALLS = False
 
     # -- host facts -------------------------------------------------------
     @abc.abstractmethod
@@ -174,7 +178,7 @@ class ComputeDriver(abc.ABC):
         """Wait ``timeout`` seconds before the engine looks at the job
         again; a driver that knows when a job ends may return sooner (the
         move is then noticed at once).  Default: sleep."""
-        time.sleep(timeout)
+        lifecycle.sleep(timeout)
 
     @abc.abstractmethod
     def live_migration_set_downtime(self, source, instance, downtime_ms):

@@ -10,9 +10,8 @@ when it changed something, and passes through a fault hook at entry
 import json
 import logging
 import os
-import time
 
-from migrateflow import exceptions
+from migrateflow import exceptions, lifecycle
 from migrateflow.drivers import base
 from migrateflow.drivers import fake_cold, fake_evac
 from migrateflow.drivers import fake_jobs as jobs
@@ -46,6 +45,8 @@ def _check_cpu(host, source_cpu):
 
 class FakeDriver(fake_cold.ColdMigration, fake_evac.Evacuation, base.ComputeDriver):
     """Model hypervisors in a SQLite file; see the module docstring."""
+
+    LOCAL_CALLS = True  # a local file; its simulated waits give the turn away
 
     def __init__(self, state_file, time_scale=0.0):
         self.state_file = os.path.abspath(state_file)
@@ -206,7 +207,7 @@ class FakeDriver(fake_cold.ColdMigration, fake_evac.Evacuation, base.ComputeDriv
                     row, sim = jobs.job_of(db, source, uuid)
                 view = jobs.job_view(sim, row["status"], row["error"])
         if self.time_scale > 0 and duration > 0:
-            time.sleep(duration * self.time_scale)
+            lifecycle.sleep(duration * self.time_scale)  # the simulated copy
         model.fire_fault(self._store, "get_migration_job", source, uuid, "after", armed)
         return view
 

@@ -17,7 +17,7 @@ import sqlite3
 import threading
 import time
 
-from migrateflow import exceptions
+from migrateflow import exceptions, lifecycle
 from migrateflow.db import sqlite
 from migrateflow.states import PowerState
 
@@ -73,7 +73,7 @@ class StateStore:
             except sqlite3.OperationalError:
                 if time.monotonic() > deadline:
                     raise
-                time.sleep(0.01)
+                lifecycle.sleep(0.01)
 
     def _connection(self):
         """A connection made in this thread of this process: sqlite3 objects
@@ -200,7 +200,7 @@ def _wait_for_release(store, uuid):
         start = read_markers(db, keys)
     deadline = time.monotonic() + HANG_CAP_S
     while time.monotonic() < deadline:
-        time.sleep(HANG_POLL_S)
+        lifecycle.sleep(HANG_POLL_S)
         with store.transaction(write=False) as db:
             if read_markers(db, keys) != start:
                 return True

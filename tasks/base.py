@@ -9,7 +9,7 @@ import logging
 from taskflow import task
 from taskflow.types import failure as tf_failure
 
-from migrateflow import drivers
+from migrateflow import drivers, lifecycle
 from migrateflow.db import api as db_api
 
 LOG = logging.getLogger(__name__)
@@ -30,7 +30,10 @@ class MigrationTask(task.Task):
 
     @property
     def driver(self):
-        return drivers.get_driver()
+        drv = drivers.get_driver()
+        if drv.LOCAL_CALLS or not lifecycle.TURNS.holding():
+            return drv
+        return _TurnAway(drv)
 
     def instance(self, instance_id):
         return db_api.instance_to_driver(self.db.get_instance(instance_id))
@@ -40,6 +43,26 @@ class MigrationTask(task.Task):
         extra = " ".join(f"{k}={v}" for k, v in sorted(fields.items()))
         LOG.log(level, "%s step=%s migration=%s %s", message, self.NAME, migration_id,
                 extra)
+
+
+class _TurnAway:
+    """A driver whose calls give this thread's turn away while they run
+    (they wait on a hypervisor daemon: see ``lifecycle.Turns``)."""
+
+    __slots__ = ("_driver",)
+
+    def __init__(self, driver):
+        self._driver = driver
+
+    def __getattr__(self, name):
+        found = getattr(self._driver, name)
+        if not callable(found):
+            return found
+
+        def call(*args, **kwargs):
+            with lifecycle.waiting():
+                return found(*args, **kwargs)
+        return call
 
 
 def is_failure(result):

@@ -10,6 +10,7 @@ import logging
 
 import tenacity
 
+from migrateflow import lifecycle
 from migrateflow.conf import CONF
 from migrateflow.states import LiveMigrationStatus as Status
 from migrateflow.states import PowerState
@@ -38,7 +39,7 @@ class PostStep(base.MigrationTask):
             before_sleep=lambda state: self.log(
                 logging.WARNING, f"retrying after: {state.outcome.exception()}",
                 migration_id, attempt=state.attempt_number),
-            reraise=True)
+            sleep=lifecycle.sleep, reraise=True)
         try:
             return retrying(self.run, migration_id=migration_id, **kwargs)
         except Exception as err:  # noqa: BLE001 - recorded, the flow goes on
