@@ -6,13 +6,14 @@ migration of the live-migration flow, measured by bench/bench_drain.py
 a flow-state change that writes only the flow's row, one transaction to
 persist a new flow (logbook, flow detail, store, pending atoms), one plain
 lock instead of a reader-writer lock, and each thread's flows built and
-compiled once and reused when not running.  It relies on TaskFlow's
+compiled once and reused when not running, and the walk for the next
+atoms to run stopping at atoms not done yet.  It relies on TaskFlow's
 internals (``Storage``, ``SerialActionEngine``): setup.py bounds the
 version, tests/test_perf_engine.py and the crash matrices check it.
 """
+import collections
 import contextlib
 import threading
-import time
 import weakref
 
 import fasteners
@@ -24,10 +25,11 @@ from taskflow import storage as tf_storage
 from taskflow.engines.action_engine import compiler as tf_compiler
 from taskflow.engines.action_engine import engine as tf_engine
 from taskflow.engines.action_engine import runtime as tf_runtime
+from taskflow.engines.action_engine import selector as tf_selector
 from taskflow.persistence import models as tf_models
 from taskflow.utils import misc as tf_misc
 
-from migrateflow import persistence
+from migrateflow import lifecycle, persistence
 
 
 class OneLock:
@@ -85,7 +87,7 @@ class Storage(tf_storage.Storage):
             except tf_exc.StorageFailure:
                 if attempt == tf_storage.RETRY_ATTEMPTS:
                     raise
-                time.sleep(tf_storage.RETRY_WAIT_TIMEOUT)
+                lifecycle.sleep(tf_storage.RETRY_WAIT_TIMEOUT)
 
     def _save_atom_detail(self, conn, original_atom_detail, atom_detail):
         saved = self._saving(lambda: original_atom_detail.update(
@@ -152,6 +154,49 @@ _generation = [0]  # flows built before the last reset() are built again
 _validated = weakref.WeakKeyDictionary()  # compilation -> store key sets it passed with
 
 
+_DONE_STATES = frozenset((tf_states.SUCCESS, tf_states.IGNORE))
+_DONE_INTENTIONS = frozenset((tf_states.EXECUTE, tf_states.IGNORE))
+
+
+class Selector(tf_selector.Selector):
+    """TaskFlow's selector, whose walk forward from a finished atom does not
+    go past an atom that is not done (succeeded or ignored): an atom is
+    ready only when every atom before it is done, so what lies beyond one
+    that is not cannot be ready.  It finds the atoms TaskFlow's full walk
+    finds, in the same order, visiting those of the next steps only (the
+    full walk checks every later atom of the flow after each one)."""
+
+    def _browse_atoms_for_execute(self, atom=None):
+        if atom is None:
+            yield from super()._browse_atoms_for_execute()
+            return
+        graph, storage = self._execution_graph, self._storage
+        queue, seen = collections.deque(graph.successors(atom)), set()
+        while queue:
+            node = queue.popleft()
+            if node in seen:
+                continue
+            seen.add(node)
+            if graph.nodes[node].get("noop"):  # a flow's start or end
+                queue.extend(graph.successors(node))
+                continue
+            is_ready, late_decider = self._get_maybe_ready_for_execute(node)
+            if is_ready:
+                yield node, late_decider
+                continue
+            state, intention = storage.get_atoms_states([node.name])[node.name]
+            if state in _DONE_STATES and intention in _DONE_INTENTIONS:
+                queue.extend(graph.successors(node))
+
+
+class Runtime(tf_runtime.Runtime):
+    """TaskFlow's runtime with :class:`Selector`."""
+
+    @tf_misc.cachedproperty
+    def selector(self):
+        return Selector(self)
+
+
 class Engine(tf_engine.SerialActionEngine):
     """The serial engine with :class:`Storage`, given its flow's
     compilation (``compile`` would make the same one again)."""
@@ -187,7 +232,7 @@ class Engine(tf_engine.SerialActionEngine):
             return
         self._compilation = self._given_compilation or self._check_compilation(
             self._compiler.compile())
-        self._runtime = tf_runtime.Runtime(
+        self._runtime = Runtime(
             self._compilation, self.storage, self.atom_notifier, self._task_executor,
             self._retry_executor, options=self._options)
         self._runtime.compile()

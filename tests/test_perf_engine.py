@@ -4,17 +4,23 @@ the writers' queue of a SQLite file."""
 import contextlib
 import multiprocessing
 import os
+import random
 import signal
 import threading
 
 import pytest
 import sqlalchemy as sa
+import taskflow.engines
 from taskflow import states as tf_states
+from taskflow import task
+from taskflow.engines.action_engine import compiler as tf_compiler
+from taskflow.engines.action_engine import selector as tf_selector
+from taskflow.patterns import graph_flow, linear_flow
 from taskflow.persistence import models as tf_models
 
 from migrateflow import api, engine, serial_engine
 from migrateflow.db import sqlite as db_sqlite
-from migrateflow.flows import live_migration
+from migrateflow.flows import confirm_resize, evacuation, live_migration, resize, revert_resize
 
 
 def _flow_detail(db, mig):
@@ -155,3 +161,63 @@ def test_a_writer_holding_one_file_does_not_queue_for_another(tmp_path):
     again = db_sqlite.take_writer_lock(str(tmp_path / "b.sqlite"))
     assert again is not None
     again.release()
+
+
+class _Noop(task.Task):
+    def execute(self):
+        return None
+
+
+def _graph_flow():
+    """Branches that join, a nested linear flow and an independent atom."""
+    flow = graph_flow.Flow("g")
+    a, b, c, d, e = (_Noop(name=n) for n in "abcde")
+    inner = linear_flow.Flow("inner").add(_Noop(name="i1"), _Noop(name="i2"))
+    flow.add(a, b, c, d, e, inner)
+    flow.link(a, b)
+    flow.link(a, c)
+    flow.link(b, d)
+    flow.link(c, d)
+    flow.link(d, inner)
+    return flow
+
+
+_STATES = (tf_states.PENDING, tf_states.RUNNING, tf_states.SUCCESS, tf_states.FAILURE,
+           tf_states.REVERTED, tf_states.IGNORE)
+_INTENTIONS = (tf_states.EXECUTE, tf_states.IGNORE, tf_states.REVERT, tf_states.RETRY)
+
+
+@pytest.mark.parametrize("factory", [live_migration.build, resize.build, evacuation.build,
+                                     confirm_resize.build, revert_resize.build, _graph_flow],
+                         ids=lambda f: f.__module__.rsplit(".", 1)[-1] + "." + f.__name__)
+def test_selector_finds_what_taskflows_full_walk_finds(factory):
+    """From every atom, over runs in order and random states: the same
+    atoms, in the same order, with the same deciders' kinds."""
+    eng = taskflow.engines.load(factory(), store={}, engine="serial")
+    eng.compile()
+    runtime, storage = eng._runtime, eng.storage
+    ours, stock = serial_engine.Selector(runtime), tf_selector.Selector(runtime)
+    atoms = list(runtime.iterate_nodes(tf_compiler.ATOMS))
+    storage.ensure_atoms(atoms)
+
+    def compare():
+        for atom in atoms:
+            want = [(a.name, type(d)) for a, d in stock._browse_atoms_for_execute(atom)]
+            got = [(a.name, type(d)) for a, d in ours._browse_atoms_for_execute(atom)]
+            assert got == want, (atom.name, storage.get_atoms_states(a.name for a in atoms))
+
+    found = 0
+    for done in range(len(atoms) + 1):  # a run in the compiled order
+        for i, atom in enumerate(atoms):
+            storage.set_atom_state(atom.name, tf_states.SUCCESS if i < done
+                                   else tf_states.PENDING)
+            storage.set_atom_intention(atom.name, tf_states.EXECUTE)
+        compare()
+        found += sum(1 for a in atoms for _ in ours._browse_atoms_for_execute(a))
+    assert found >= len(atoms) - 1  # each next step was found from the one before
+    rand = random.Random(7)
+    for _ in range(150):
+        for atom in atoms:
+            storage.set_atom_state(atom.name, rand.choice(_STATES[:3] * 3 + _STATES))
+            storage.set_atom_intention(atom.name, rand.choice(_INTENTIONS[:1] * 6 + _INTENTIONS))
+        compare()
