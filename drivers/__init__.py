@@ -6,6 +6,7 @@ from stevedore import driver as stevedore_driver
 NAMESPACE = "migrateflow.drivers"
 
 _cache = {}
+_classes = {}  # driver name -> its class
 _lock = threading.Lock()
 
 
@@ -19,8 +20,10 @@ def get_driver(conf=None):
     if conf is None:
         from migrateflow.conf import CONF as conf
     name = conf.compute_driver
-    mgr_cls = stevedore_driver.DriverManager(
-        NAMESPACE, name, invoke_on_load=False).driver
+    mgr_cls = _classes.get(name)
+    if mgr_cls is None:  # the entry points are read once per name
+        mgr_cls = _classes.setdefault(name, stevedore_driver.DriverManager(
+            NAMESPACE, name, invoke_on_load=False).driver)
     key = (name,) + tuple(mgr_cls.cache_key(conf))
     with _lock:
         drv = _cache.get(key)
@@ -33,3 +36,4 @@ def reset_cache():
     """Forget built drivers (tests point the configuration elsewhere)."""
     with _lock:
         _cache.clear()
+        _classes.clear()
