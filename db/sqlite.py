@@ -6,6 +6,7 @@ import fcntl
 import os
 import sqlite3
 import threading
+import time
 import weakref
 
 import sqlalchemy as sa
@@ -229,7 +230,7 @@ def tune_sqlite_engine(engine, synchronous="NORMAL", pool_size=10,
             dbapi_con.isolation_level = None  # _on_begin emits BEGIN
             dbapi_con.execute("PRAGMA busy_timeout=30000")
             if state["file"]:
-                dbapi_con.execute("PRAGMA journal_mode=WAL")
+                _enable_wal(dbapi_con)
             if state["synchronous"]:
                 dbapi_con.execute("PRAGMA synchronous=" + state["synchronous"])
 
@@ -248,6 +249,23 @@ def tune_sqlite_engine(engine, synchronous="NORMAL", pool_size=10,
         if state["file"]:
             engine.dispose()
     return engine
+
+
+def _enable_wal(dbapi_con, timeout=30.0):
+    """WAL mode, switched once per file.  The switch needs a moment with no
+    other connection to the file: while other processes open a new file at
+    once SQLite answers "database is locked" at once (no busy wait), so
+    that is retried."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if dbapi_con.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                dbapi_con.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            lifecycle.sleep(0.01)
 
 
 def execute_raw(engine, sql, params=(), write=False):

@@ -18,7 +18,7 @@ from taskflow.engines.action_engine import selector as tf_selector
 from taskflow.patterns import graph_flow, linear_flow
 from taskflow.persistence import models as tf_models
 
-from migrateflow import api, engine, serial_engine
+from migrateflow import api, engine, persistence, serial_engine
 from migrateflow.db import sqlite as db_sqlite
 from migrateflow.flows import confirm_resize, evacuation, live_migration, resize, revert_resize
 
@@ -142,6 +142,41 @@ def test_writer_queue_spans_processes(tmp_path, then):
     got[0].release()
     child.join(10)
     assert child.exitcode == (-signal.SIGKILL if then == "die" else 0)
+
+
+def _open_new_file_at_once(url, barrier):
+    try:
+        barrier.wait(30)
+        eng = db_sqlite.tune_sqlite_engine(sa.create_engine(url), "NORMAL")
+        persistence.create_schema(eng)
+        with eng.begin() as conn:
+            conn.exec_driver_sql("SELECT count(*) FROM tf_logbooks").scalar()
+        eng.dispose()
+    except BaseException:  # noqa: BLE001 - the exit code tells the parent
+        import traceback
+        traceback.print_exc()
+        os._exit(1)
+    os._exit(0)
+
+
+def test_processes_opening_a_new_file_at_once_all_get_it(tmp_path):
+    """Switching a new file to WAL needs it alone: SQLite says "locked" at
+    once (no busy wait) to the others opening it then, who wait and retry."""
+    fork = multiprocessing.get_context("fork")
+    for round_ in range(4):
+        url = f"sqlite:///{tmp_path}/new-{round_}.sqlite"
+        barrier = fork.Barrier(6)
+        children = [fork.Process(target=_open_new_file_at_once, args=(url, barrier))
+                    for _ in range(6)]
+        for child in children:
+            child.start()
+        for child in children:
+            child.join(60)
+        assert [c.exitcode for c in children] == [0] * 6
+        eng = db_sqlite.tune_sqlite_engine(sa.create_engine(url), "NORMAL")
+        with eng.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        eng.dispose()
 
 
 def test_a_writer_holding_one_file_does_not_queue_for_another(tmp_path):
