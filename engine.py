@@ -5,8 +5,8 @@ Flows are loaded with ``load_from_factory`` from module-level factories, so
 the flow detail records how to rebuild them; ``resume`` (or a conductor
 claiming a job) rebuilds and continues a flow from its persisted state.
 Every run gets the listeners of ``flow_events``: the step being run goes into
-the migration record (``current_step``, what ``migration-show`` tells), the
-phases into notifications.
+the migration record (``current_step``, what ``migration-show`` tells; a
+step executed once it lasted 50 ms), the phases into notifications.
 """
 import contextlib
 import logging

@@ -15,6 +15,12 @@ for the step a crash interrupted: it was RUNNING already), and finished
 steps do not run again.
 """
 import functools
+import heapq
+import itertools
+import logging
+import os
+import threading
+import time
 
 from taskflow import exceptions as tf_exc
 from taskflow import states as tf_states
@@ -25,6 +31,8 @@ from migrateflow.db import api as db_api
 from migrateflow.flows import (confirm_resize, evacuation, live_migration, resize,
                                revert_resize)
 from migrateflow.keys import StoreKey
+
+LOG = logging.getLogger(__name__)
 
 #: flow name -> ([(phase, its first step)], rollback phase)
 PHASES = {
@@ -225,16 +233,133 @@ class FlowEvents(listener_base.Listener):
                                               step=self._last_step, ctx=self._ctx)
 
 
+#: a step goes into its migration's record once it has run this long
+#: (seconds): the record tells what a migration waits for, without a write
+#: for each of the many steps that end in a moment
+STEP_RECORD_DELAY_S = 0.05
+
+
 class StepMirror(listener_base.Listener):
-    """Writes the atom being executed or reverted into the migration record."""
+    """Writes the atom being executed or reverted into the migration record
+    (``current_step``): the first of each run and every revert at once, a
+    step executed once it ran ``STEP_RECORD_DELAY_S`` (by then another may
+    run: the latest goes in).  Those late writes happen only while the
+    record holds what this mirror wrote last, so a step that ended the
+    migration (current_step None) is never overwritten; the run's end
+    drops what was not written yet."""
 
     def __init__(self, engine, migration_id):
         super().__init__(engine, task_listen_for=(tf_states.RUNNING, tf_states.REVERTING),
                          retry_listen_for=(), flow_listen_for=())
         self._migration_id = migration_id
+        self._db = db_api.get_db()
+        self._lock = threading.Lock()
+        self._recorded = None   # what this mirror wrote last (None: nothing yet)
+        self._pending = None    # the step to write when due
+        self._due = False       # a late write is queued
+        self._closed = False
 
     def _task_receiver(self, state, details):
         step = details["task_name"]
+        if state == tf_states.RUNNING and self._recorded is not None:
+            with self._lock:
+                self._pending = step
+                if self._due:
+                    return
+                self._due = True
+            _LATE.add(time.monotonic() + STEP_RECORD_DELAY_S, self)
+            return
         if state == tf_states.REVERTING:
             step = "revert:" + step
-        db_api.get_db().update_migration(self._migration_id, current_step=step)
+        with self._lock:
+            self._pending = None
+            self._db.update_migration(self._migration_id, current_step=step)
+            self._recorded = step
+
+    def write_late(self):
+        """The step pending since its time came (the late writes' thread).
+        The write runs outside the lock: a flow thread taking turns
+        (``lifecycle.Turns``) must never wait here for a thread that waits
+        for a database lock."""
+        with self._lock:
+            step, self._pending, self._due = self._pending, None, False
+            expected = self._recorded
+            if self._closed or step is None or step == expected:
+                return
+        changed = self._db.replace_current_step(self._migration_id, expected, step)
+        with self._lock:
+            if not changed:  # the record moved on (the migration ended): leave it
+                self._closed = True
+            elif self._recorded == expected:  # no revert was written meanwhile
+                self._recorded = step
+
+    def deregister(self):
+        with self._lock:
+            self._closed, self._pending = True, None
+        super().deregister()
+
+
+class _LateWrites:
+    """The steps to write when their time comes, by one thread of this
+    process that ends when none is left (a drain forks its workers from a
+    process running no other thread)."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._queue = []  # heap of (due, sequence, mirror)
+        self._seq = itertools.count()
+        self._thread = None
+
+    def add(self, due, mirror):
+        with self._cond:
+            heapq.heappush(self._queue, (due, next(self._seq), mirror))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="step-mirror",
+                                                daemon=True)
+                self._thread.start()
+            elif self._queue[0][2] is mirror:
+                self._cond.notify()
+
+    def _run(self):
+        while True:
+            with self._cond:
+                while self._queue and self._queue[0][0] > time.monotonic():
+                    self._cond.wait(self._queue[0][0] - time.monotonic())
+                if not self._queue:
+                    self._thread = None
+                    return
+                mirror = heapq.heappop(self._queue)[2]
+            try:
+                mirror.write_late()
+            except Exception:  # noqa: BLE001 - the next step's write comes
+                LOG.warning("recording the step of migration=%s failed",
+                            mirror._migration_id, exc_info=True)
+
+    def idle(self, timeout=1.0):
+        """Wait until nothing is queued and the thread ended; True if so."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._cond:
+                thread = self._thread
+            if thread is None:
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            thread.join(remaining)  # it ends once the queue is empty
+
+
+_LATE = _LateWrites()
+
+
+def _after_fork_in_child():
+    global _LATE
+    _LATE = _LateWrites()  # the parent's thread and mirrors stayed behind
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def late_writes_idle(timeout=1.0):
+    """True once no step waits to be written and the writing thread ended."""
+    return _LATE.idle(timeout)

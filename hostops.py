@@ -33,7 +33,7 @@ import threading
 import time
 
 from migrateflow import exceptions as exc
-from migrateflow import lifecycle
+from migrateflow import flow_events, lifecycle
 from migrateflow import scheduler
 from migrateflow.states import LiveMigrationStatus, MoveStatus
 from migrateflow.tasks import live_migrate
@@ -174,7 +174,9 @@ def _run(api, instances, gate, cold_fallback, host, processes, threads):
         jobs, done, spawn, spec = queue.Queue(), queue.Queue(), threading.Thread, api
     else:
         jobs, done = _SERVER.Queue(), _SERVER.Queue()
-        if threading.active_count() == 1:
+        # the thread writing steps late ends in a moment once flows ended
+        if threading.active_count() <= 2 and flow_events.late_writes_idle() and \
+                threading.active_count() == 1:
             spawn, spec = _FORK.Process, api
         else:
             _SERVER.set_forkserver_preload(["migrateflow.api", "migrateflow.db.migration"])

@@ -3,8 +3,9 @@ either resume them or finish them.
 
 A migration is *stuck* when its status is transitional (queued, preparing,
 running) and its record has not changed for ``[jobboard]/stuck_after``
-seconds (a running flow touches it at every step and every poll of the
-copy).  What the sweeper does depends on the facts, never on a guess:
+seconds (a running flow touches it at every step that lasts, see
+``flow_events.StepMirror``, and every poll of the copy).  What the sweeper
+does depends on the facts, never on a guess:
 
 * its flow already ended (SUCCESS, REVERTED, FAILURE) → settle the record;
 * jobboard mode, its job is on the board → a conductor owns or will claim

@@ -15,6 +15,7 @@ _SEL_MIGRATION = m.migrations.select().where(_MIG.uuid == sa.bindparam("key"))
 _UPD_MIGRATION = m.migrations.update().where(_MIG.uuid == sa.bindparam("b_uuid"))
 _UPD_MIGRATION_FROM = _UPD_MIGRATION.where(
     _MIG.status.in_(sa.bindparam("b_statuses", expanding=True)))
+_UPD_MIGRATION_STEP = _UPD_MIGRATION.where(_MIG.current_step == sa.bindparam("b_step"))
 # the other statements every migration runs, built once (cache keys with them)
 _I, _C = m.instances.c, m.resource_claims.c
 _INS_MIGRATION = m.migrations.insert()
@@ -123,6 +124,19 @@ class MigrationRecords:
             query, params["b_statuses"] = _UPD_MIGRATION_FROM, list(expected_statuses)
         with self._writer() as conn:
             return conn.execute(query, params).rowcount == 1
+
+    @_retry
+    def replace_current_step(self, migration_uuid, expected, step):
+        """Set ``current_step`` to ``step`` only while it is ``expected``
+        (not None); True when the row changed."""
+        values = {"current_step": step, "updated_at": _now()}
+        count = self._raw_update(m.migrations, "uuid", migration_uuid, values,
+                                 "current_step", [expected])
+        if count is not None:
+            return count == 1
+        with self._writer() as conn:
+            return conn.execute(_UPD_MIGRATION_STEP, dict(
+                values, b_uuid=migration_uuid, b_step=expected)).rowcount == 1
 
     @_retry
     def finish_migration(self, migration_uuid, instance_uuid, status, expected_statuses,

@@ -75,3 +75,20 @@ def test_live_migration_and_rollback_on_sql_server(server_conf):
     # the flow details went to the same server
     with contextlib.closing(engine.get_backend().get_connection()) as conn:
         assert conn.get_flow_details(done["flow_uuid"]).state == "SUCCESS"
+
+
+def test_the_step_is_replaced_only_while_expected_on_sql_server(server_conf):
+    """The late step write (flow_events.StepMirror) through SQLAlchemy."""
+    db, driver = db_api.get_db(server_conf), drivers.get_driver(server_conf)
+    cloud.add_host(db, driver, "host-a")
+    inst = cloud.add_instance(db, driver, "vm-1", "host-a")
+    mig = db.start_migration(inst["uuid"], migration_type="live-migration",
+                             task_state="migrating", source_host="host-a")
+    assert db.update_migration(mig["uuid"], current_step="first")
+    assert not db.replace_current_step(mig["uuid"], "other", "second")
+    assert db.get_migration(mig["uuid"])["current_step"] == "first"
+    assert db.replace_current_step(mig["uuid"], "first", "second")
+    assert db.get_migration(mig["uuid"])["current_step"] == "second"
+    assert db.update_migration(mig["uuid"], current_step=None)
+    assert not db.replace_current_step(mig["uuid"], "second", "third")
+    assert db.get_migration(mig["uuid"])["current_step"] is None
