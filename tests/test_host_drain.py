@@ -1,6 +1,7 @@
 """Host drain: every instance moved off a disabled host, within the
 concurrency limits, asserted in the database and on the fake hypervisors
 (their timeline tells which copies overlapped)."""
+import contextlib
 import threading
 
 import pytest
@@ -191,23 +192,32 @@ def test_a_stopped_instance_is_reported_and_left_in_place(db, driver):
     assert [(r["method"], r["status"]) for r in moved] == [("live", "completed")] * 2
 
 
+@contextlib.contextmanager
+def waiting_at_the_gate(db, instance_uuid, dest):
+    """(client, migration) of a live migration of the instance to ``dest``
+    waiting at a copy gate whose only place another copy holds (the record
+    names the step: it lasts); the place is given back on leaving."""
+    gate = hostops.Gate([hostops._Limit(1)])
+    assert gate.acquire(0)
+    live_migrate.register_copy_gate(instance_uuid, gate)
+    try:
+        client = api.MigrationAPI()
+        mig = client.live_migrate(instance_uuid, dest, wait=False)
+        wait_until(lambda: db.get_migration(mig["uuid"])["current_step"] == "live-migration",
+                   what="the migration to wait at the gate")
+        yield client, mig
+    finally:
+        gate.release()
+        live_migrate.unregister_copy_gate(instance_uuid)
+
+
 def test_an_abort_while_waiting_at_the_gate_cancels_before_any_copy(db, driver):
     inst = _cloud(db, driver, ["host-a"], 1)["host-a"][0]
     before = snapshot(db, driver, inst["uuid"], ("host-a", "host-c", "host-d"))
-    gate = hostops.Gate([hostops._Limit(1)])
-    assert gate.acquire(0)  # another copy holds the only place
-    live_migrate.register_copy_gate(inst["uuid"], gate)
-    try:
-        client = api.MigrationAPI()
-        mig = client.live_migrate(inst["uuid"], "host-c", wait=False)
-        wait_until(lambda: db.get_migration(mig["uuid"])["current_step"] == "live-migration",
-                   what="the migration to wait at the gate")
+    with waiting_at_the_gate(db, inst["uuid"], "host-c") as (client, mig):
         assert db.get_migration(mig["uuid"])["status"] == "preparing"
         client.abort(mig["uuid"])
         mig = client.wait(mig["uuid"], timeout=30)
-    finally:
-        live_migrate.unregister_copy_gate(inst["uuid"])
-        gate.release()
     assert mig["status"] == "cancelled" and "waiting to start the copy" in mig["error"]
     assert not [e for e in driver.timeline(inst["uuid"]) if e["event"] == "migration.started"]
     assert snapshot(db, driver, inst["uuid"], ("host-a", "host-c", "host-d")) == before

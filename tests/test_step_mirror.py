@@ -10,12 +10,10 @@ from taskflow import states as tf_states
 from taskflow import task
 from taskflow.patterns import linear_flow
 
-from helpers import wait_until
 from migrateflow import api, flow_events, hostops
 from migrateflow.flows import live_migration
-from migrateflow.tasks import live_migrate
 
-from test_host_drain import TIME_SCALE, _assert_drained, _cloud
+from test_host_drain import TIME_SCALE, _assert_drained, _cloud, waiting_at_the_gate
 
 
 def _log_steps(db):
@@ -57,17 +55,8 @@ def test_a_step_that_lasts_is_recorded_and_short_ones_are_not_written(db, driver
                                                                        small_cloud):
     _log_steps(db)
     inst = small_cloud["instance"]
-    gate = hostops.Gate([hostops._Limit(1)])
-    assert gate.acquire(0)  # another copy holds the only place: the step lasts
-    live_migrate.register_copy_gate(inst["uuid"], gate)
-    try:
-        client = api.MigrationAPI()
-        mig = client.live_migrate(inst["uuid"], "host-b", wait=False)
-        wait_until(lambda: db.get_migration(mig["uuid"])["current_step"] == "live-migration",
-                   what="the waiting step in the record")
-    finally:
-        gate.release()
-        live_migrate.unregister_copy_gate(inst["uuid"])
+    with waiting_at_the_gate(db, inst["uuid"], "host-b") as (client, mig):
+        pass  # the step lasted: the record named it
     mig = client.wait(mig["uuid"], timeout=30)
     assert mig["status"] == "completed", mig["error"]
     time.sleep(3 * flow_events.STEP_RECORD_DELAY_S)  # any late write came by now
