@@ -288,10 +288,12 @@ class StepMirror(listener_base.Listener):
                 return
         changed = self._db.replace_current_step(self._migration_id, expected, step)
         with self._lock:
-            if not changed:  # the record moved on (the migration ended): leave it
-                self._closed = True
-            elif self._recorded == expected:  # no revert was written meanwhile
+            if self._recorded != expected:  # a revert was written meanwhile: it stands
+                return
+            if changed:
                 self._recorded = step
+            else:  # someone else moved the record on (the migration ended): leave it
+                self._closed = True
 
     def deregister(self):
         with self._lock:

@@ -132,6 +132,17 @@ def test_a_late_write_waiting_for_the_database_does_not_hold_the_flow(db, small_
     assert db.get_migration(mig["uuid"])["current_step"] == "revert:third"
     mirror.write_late()
     assert db.get_migration(mig["uuid"])["current_step"] == "revert:third"
+    # nor does that conflict stop the late writes (a retried block runs again)
+    mirror._task_receiver(tf_states.RUNNING, {"task_name": "third"})
+    mirror.write_late()
+    assert db.get_migration(mig["uuid"])["current_step"] == "third"
+    # a record moved on by someone else (the migration ended) is left alone
+    db.update_migration(mig["uuid"], current_step=None)
+    mirror._task_receiver(tf_states.RUNNING, {"task_name": "fourth"})
+    mirror.write_late()
+    mirror._task_receiver(tf_states.RUNNING, {"task_name": "fifth"})
+    mirror.write_late()
+    assert db.get_migration(mig["uuid"])["current_step"] is None
 
 
 def test_drain_workers_write_the_steps_that_last(conf, db, driver):
