@@ -84,12 +84,21 @@ def _leave_gates(host, gates):
 class Gate:
     """The semaphores a copy needs, the source host's then the global one
     (always in that order: nobody holding the second waits for the first),
-    taken all or none."""
+    taken all or none.  A thread that takes turns (``lifecycle.Turns``)
+    gives its turn away while it waits here."""
 
     def __init__(self, gates):
         self._semaphores = [gate.semaphore for gate in gates if gate.semaphore is not None]
 
     def acquire(self, timeout=None):
+        if self._take(0):
+            return True
+        if timeout == 0:
+            return False
+        with lifecycle.waiting():
+            return self._take(timeout)
+
+    def _take(self, timeout):
         deadline = None if timeout is None else time.monotonic() + timeout
         for i, semaphore in enumerate(self._semaphores):
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -298,8 +307,7 @@ def _live(api, inst, gate, result):
         return err.message
     whole_flow = api.conf.jobboard.enabled
     if whole_flow:
-        with lifecycle.waiting():
-            gate.acquire()
+        gate.acquire()
     else:
         live_migrate.register_copy_gate(inst["uuid"], gate)
     try:
@@ -322,8 +330,7 @@ def _live(api, inst, gate, result):
 
 def _cold(api, inst, gate, result, reason):
     """Cold-migrate, then confirm; the whole move holds the gate."""
-    with lifecycle.waiting():
-        gate.acquire()
+    gate.acquire()
     try:
         mig = api.migrate(inst["uuid"], wait=True)
         result.update(method="cold", migration=mig["uuid"], status=mig["status"],

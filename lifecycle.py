@@ -7,6 +7,7 @@ as a failure (no rollback): the step stays RUNNING in the persisted flow,
 the job is abandoned, and the next conductor re-runs the step, which
 re-attaches to the copy still running on the hypervisors.
 """
+import contextlib
 import os
 import threading
 import time
@@ -88,17 +89,7 @@ class _Waiting:
         self._turns._acquire()
 
 
-class _Nothing:
-    __slots__ = ()
-
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc_info):
-        return None
-
-
-_NOTHING = _Nothing()
+_NOTHING = contextlib.nullcontext()  # reusable
 
 #: the turns of this process's migration threads (see ``hostops``)
 TURNS = Turns()

@@ -146,7 +146,7 @@ class LiveMigrate(base.MigrationTask):
         """Take the gate; an operator abort or a stopping process ends the
         wait (the migration is still ``preparing``: nothing was copied)."""
         started = time.monotonic()
-        while not self._try_gate(gate):
+        while not gate.acquire(GATE_POLL_S):
             if self.db.get_migration(migration_id)["abort_requested"]:
                 raise exc.MigrationAborted(
                     f"migration {migration_id} aborted while waiting to start the copy")
@@ -155,11 +155,6 @@ class LiveMigrate(base.MigrationTask):
         waited = time.monotonic() - started
         if waited >= GATE_POLL_S:
             self.log(logging.INFO, "copy gate taken", migration_id, waited=f"{waited:.2f}")
-
-    @staticmethod
-    def _try_gate(gate):
-        with lifecycle.waiting():
-            return gate.acquire(GATE_POLL_S)
 
     def _watch(self, drv, migration_id, inst, source_host, size, steps, copy_ended):
         opts = CONF.migration

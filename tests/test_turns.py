@@ -200,6 +200,29 @@ def test_queueing_for_a_writer_lock_gives_the_turn_away(turns, tmp_path):
     assert order == ["holder releases", "queued writes"]
 
 
+def test_waiting_at_a_copy_gate_gives_the_turn_away(turns):
+    gate = hostops.Gate([hostops._Limit(1)])
+    assert gate.acquire(0)  # another copy holds the only place
+    order, queued = [], threading.Event()
+
+    def copy():
+        with turns.take():
+            queued.set()
+            assert gate.acquire(JOIN_S)
+            order.append("copy starts")
+        gate.release()
+
+    def other():
+        assert queued.wait(JOIN_S)
+        time.sleep(0.05)  # the copy waits at the gate by now
+        with turns.take():  # only while the copy waits
+            order.append("place given back")
+            gate.release()
+
+    _run_all([copy, other])
+    assert order == ["place given back", "copy starts"]
+
+
 def _child_takes_a_turn(code):
     with lifecycle.TURNS.take():
         code.value = 7
