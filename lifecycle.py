@@ -7,6 +7,7 @@ as a failure (no rollback): the step stays RUNNING in the persisted flow,
 the job is abandoned, and the next conductor re-runs the step, which
 re-attaches to the copy still running on the hypervisors.
 """
+import collections
 import contextlib
 import os
 import threading
@@ -32,10 +33,21 @@ class Turns:
     lock, say).  Taking turns, a thread runs until it waits for something
     slow (the copy, a copy gate, a hypervisor daemon), and the GIL is
     only handed over then.  Threads that do not take turns are not held up.
+
+    The turn is handed from one thread to the next in the order they asked
+    for it, but a thread marked urgent (``urgent``: one holding a copy gate,
+    whose copy every other migration waiting at that gate waits for) goes
+    before the others, and a thread that is not urgent hands the turn to a
+    waiting urgent one at its next ``pause`` (between two steps of its
+    flow), then comes back first.  So a copy that ended is noticed, and its
+    gate given back, within a step of another flow, not after that flow
+    reached its next wait.
     """
 
     def __init__(self):
-        self._lock = threading.Lock()
+        self._mutex = threading.Lock()
+        self._busy = False  # a thread has the turn, or it is being handed over
+        self._urgent, self._others = collections.deque(), collections.deque()
         self._local = threading.local()
 
     def holding(self):
@@ -51,13 +63,63 @@ class Turns:
         when this thread has it (else nothing happens)."""
         return _Waiting(self) if self.holding() else _NOTHING
 
+    def set_urgent(self, urgent):
+        """Mark this thread urgent (True) or not: see the class."""
+        self._local.urgent = urgent
+
+    def is_urgent(self):
+        return getattr(self._local, "urgent", False)
+
+    def pause(self):
+        """A point where this thread may let an urgent one run first: it
+        does when it has the turn, is not urgent and one waits."""
+        if self._urgent and self.holding() and not self.is_urgent():
+            self._hand_over()
+
+    def _wakeup(self):
+        """This thread's own lock, held while it waits for the turn: the
+        thread handing the turn over lets it go."""
+        wakeup = getattr(self._local, "wakeup", None)
+        if wakeup is None:
+            wakeup = self._local.wakeup = threading.Lock()
+            wakeup.acquire()
+        return wakeup
+
     def _acquire(self):
-        self._lock.acquire()
+        wakeup = self._wakeup()
+        with self._mutex:
+            if not self._busy:
+                self._busy = True
+                self._local.held = True
+                return
+            (self._urgent if self.is_urgent() else self._others).append(wakeup)
+        wakeup.acquire()  # the turn is ours once it is let go
         self._local.held = True
 
     def _release(self):
         self._local.held = False
-        self._lock.release()
+        with self._mutex:
+            self._pass_on()
+
+    def _pass_on(self):
+        """Hand the turn to the next waiter, urgent ones first (with the
+        mutex held)."""
+        queue = self._urgent or self._others
+        if queue:
+            queue.popleft().release()  # still busy: it is that thread's now
+        else:
+            self._busy = False
+
+    def _hand_over(self):
+        """Give the turn to the next waiter (an urgent one) and wait for it
+        back at the head of the others' queue."""
+        wakeup = self._wakeup()
+        self._local.held = False
+        with self._mutex:
+            self._others.appendleft(wakeup)
+            self._pass_on()
+        wakeup.acquire()
+        self._local.held = True
 
 
 class _Taking:
@@ -112,3 +174,13 @@ def sleep(seconds):
     """``time.sleep``, giving this thread's turn away meanwhile."""
     with TURNS.waiting():
         time.sleep(seconds)
+
+
+def set_urgent(urgent):
+    """Mark this migration thread urgent or not: see :class:`Turns`."""
+    TURNS.set_urgent(urgent)
+
+
+def pause():
+    """Between two steps: let an urgent thread run first (see :class:`Turns`)."""
+    TURNS.pause()

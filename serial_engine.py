@@ -27,6 +27,7 @@ from taskflow.engines.action_engine import engine as tf_engine
 from taskflow.engines.action_engine import runtime as tf_runtime
 from taskflow.engines.action_engine import selector as tf_selector
 from taskflow.persistence import models as tf_models
+from taskflow.types import notifier as tf_notifier
 from taskflow.utils import misc as tf_misc
 
 from migrateflow import lifecycle, persistence
@@ -206,6 +207,9 @@ class Engine(tf_engine.SerialActionEngine):
         super().__init__(flow, flow_detail, backend, {})
         self._given_compilation, self._reuse_key = compilation, reuse_key
         self._store_keys = store_keys
+        # between two steps (each step's state is persisted and announced
+        # then, nothing is held): an urgent thread may run first
+        self.atom_notifier.register(tf_notifier.Notifier.ANY, _pause)
 
     def validate(self):
         # a reused compilation already validated with the same store keys
@@ -237,6 +241,10 @@ class Engine(tf_engine.SerialActionEngine):
             self._retry_executor, options=self._options)
         self._runtime.compile()
         self._compiled = True
+
+
+def _pause(_state, details=None):
+    lifecycle.pause()
 
 
 _factory_names = {}

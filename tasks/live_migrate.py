@@ -78,20 +78,29 @@ def guest_on_destination(driver, source, dest, instance_uuid):
 
 class _Held:
     """The copy gate this step holds, if any: given back once, as soon as
-    the copy ended."""
+    the copy ended.  Its thread is urgent while it holds the gate (and as it
+    comes back with it): when it takes turns with others, it runs before
+    them, so the copies of the migrations waiting at the gate start as soon
+    as this one ended (``lifecycle.Turns``)."""
 
     def __init__(self, gate):
         self._gate, self._held = gate, False
 
     def take(self, wait):
         if self._gate is not None:
-            wait(self._gate)
+            lifecycle.set_urgent(True)
+            try:
+                wait(self._gate)
+            except BaseException:
+                lifecycle.set_urgent(False)
+                raise
             self._held = True
 
     def release(self):
         if self._held:
             self._held = False
             self._gate.release()
+            lifecycle.set_urgent(False)
 
 
 class LiveMigrate(base.MigrationTask):

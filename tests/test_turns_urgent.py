@@ -1,0 +1,165 @@
+"""Urgent threads among those taking turns (``lifecycle.Turns``): the turn
+goes to waiters in the order they asked, urgent ones (a migration holding a
+copy gate) first, and a thread that is not urgent hands it to a waiting
+urgent one between two steps of its flow, then gets it back first."""
+import threading
+import time
+
+from migrateflow import api, lifecycle
+from migrateflow.tasks import live_migrate
+
+from test_turns import JOIN_S, _run_all, turns  # noqa: F401 - the fixture
+
+#: a thread that asked for the turn is queued by then (it blocks at once)
+QUEUED_S = 0.05
+
+
+def _queue(turns, name, order, urgent=False, then=None):  # noqa: F811
+    """A thread body: ask for the turn (urgent or not), record ``name``."""
+    def body():
+        turns.set_urgent(urgent)
+        with turns.take():
+            order.append(name)
+            if then is not None:
+                then()
+    return body
+
+
+def _start(body):
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    time.sleep(QUEUED_S)
+    return thread
+
+
+def _join(threads):
+    for thread in threads:
+        thread.join(JOIN_S)
+    assert not any(t.is_alive() for t in threads), "a turn was never given back"
+
+
+def test_the_turn_goes_in_the_order_asked_urgent_waiters_first(turns):  # noqa: F811
+    order = []
+    with turns.take():
+        waiters = [_start(_queue(turns, "first", order)),
+                   _start(_queue(turns, "second", order)),
+                   _start(_queue(turns, "urgent", order, urgent=True)),
+                   _start(_queue(turns, "third", order))]
+        order.append("holder leaves")
+    _join(waiters)
+    assert order == ["holder leaves", "urgent", "first", "second", "third"]
+
+
+def test_a_pause_hands_the_turn_to_an_urgent_waiter_and_gets_it_back_first(turns):  # noqa: F811
+    order = []
+    with turns.take():
+        others = [_start(_queue(turns, "other", order))]
+        turns.pause()  # only others wait: the turn is kept
+        order.append("kept")
+        others.append(_start(_queue(turns, "urgent", order, urgent=True)))
+        turns.pause()
+        assert turns.holding()
+        order.append("back")
+    _join(others)
+    assert order == ["kept", "urgent", "back", "other"]
+
+
+def test_an_urgent_thread_does_not_pause_for_another(turns):  # noqa: F811
+    order = []
+    turns.set_urgent(True)
+    try:
+        with turns.take():
+            waiter = _start(_queue(turns, "urgent waiter", order, urgent=True))
+            turns.pause()
+            order.append("urgent holder")
+    finally:
+        turns.set_urgent(False)
+    _join([waiter])
+    assert order == ["urgent holder", "urgent waiter"]
+
+
+def test_a_flow_lets_an_urgent_thread_run_between_its_steps(turns, small_cloud):  # noqa: F811
+    """A live migration run by a thread taking turns: an urgent thread
+    asking for the turn runs at the flow's next step, not after its end."""
+    events, urgent_ran = [], []
+    started = threading.Event()
+
+    def listener(engine):
+        def record(state, details):
+            events.append((details.get("task_name") or details.get("retry_name"), state))
+            if not started.is_set():
+                started.set()
+                # hold this step until the urgent thread is queued
+                deadline = time.monotonic() + JOIN_S
+                while not turns._urgent and time.monotonic() < deadline:
+                    time.sleep(0.001)
+        engine.atom_notifier.register("*", record)
+
+        class _Registered:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc_info):
+                engine.atom_notifier.deregister("*", record)
+        return _Registered()
+
+    migration = {}
+
+    def migrate():
+        with turns.take():
+            migration.update(api.MigrationAPI(listeners=[listener]).live_migrate(
+                small_cloud["instance"]["uuid"], "host-b"))
+
+    def urgent():
+        assert started.wait(JOIN_S)
+        turns.set_urgent(True)
+        with turns.take():
+            urgent_ran.append(len(events))
+
+    _run_all([migrate, urgent])
+    assert migration["status"] == "completed"
+    steps = len(events)
+    assert urgent_ran and urgent_ran[0] < steps // 2, (urgent_ran, steps)
+
+
+class _RecordingGate:
+    """A copy gate with room to spare that records whether its thread was
+    urgent when it came back with a place and when it gave the place back."""
+
+    def __init__(self, fail=False):
+        self.seen, self._fail = [], fail
+
+    def acquire(self, timeout=None):
+        self.seen.append(("acquire", lifecycle.TURNS.is_urgent()))
+        if self._fail:
+            raise lifecycle.Detach()  # as a stopping process ends the wait
+        return True
+
+    def release(self):
+        self.seen.append(("release", lifecycle.TURNS.is_urgent()))
+
+
+def test_a_migration_is_urgent_while_it_holds_its_copy_gate(small_cloud, driver):
+    inst = small_cloud["instance"]
+    gate = _RecordingGate()
+    live_migrate.register_copy_gate(inst["uuid"], gate)
+    try:
+        with lifecycle.TURNS.take():
+            mig = api.MigrationAPI().live_migrate(inst["uuid"], "host-b")
+            assert not lifecycle.TURNS.is_urgent()
+    finally:
+        live_migrate.unregister_copy_gate(inst["uuid"])
+    assert mig["status"] == "completed"
+    assert driver.get_guest("host-b", inst["uuid"])["state"] == "running"
+    assert gate.seen == [("acquire", True), ("release", True)]
+
+
+def test_a_migration_whose_gate_wait_ends_is_no_longer_urgent():
+    held = live_migrate._Held(_RecordingGate(fail=True))
+    try:
+        held.take(lambda gate: gate.acquire())
+    except lifecycle.Detach:
+        pass
+    assert not lifecycle.TURNS.is_urgent()
+    held.release()  # nothing held: nothing given back
+    assert not lifecycle.TURNS.is_urgent()
