@@ -1,13 +1,17 @@
 """Urgent threads among those taking turns (``lifecycle.Turns``): the turn
 goes to waiters in the order they asked, urgent ones (a migration holding a
 copy gate) first, and a thread that is not urgent hands it to a waiting
-urgent one between two steps of its flow, then gets it back first."""
+urgent one between two steps of its flow, then gets it back first.  And a
+drain worker process's garbage collector (``hostops._collect_less``)."""
+import gc
+import multiprocessing
 import threading
 import time
 
-from migrateflow import api, lifecycle
+from migrateflow import api, hostops, lifecycle
 from migrateflow.tasks import live_migrate
 
+from test_host_drain import _assert_drained, _cloud
 from test_turns import JOIN_S, _run_all, turns  # noqa: F401 - the fixture
 
 #: a thread that asked for the turn is queued by then (it blocks at once)
@@ -163,3 +167,33 @@ def test_a_migration_whose_gate_wait_ends_is_no_longer_urgent():
     assert not lifecycle.TURNS.is_urgent()
     held.release()  # nothing held: nothing given back
     assert not lifecycle.TURNS.is_urgent()
+
+
+def _report_gc(found):
+    hostops._worker(None, None, False, 1, _Empty(), None)  # no instance to move
+    found.put((gc.get_freeze_count(), gc.get_threshold()[0]))
+
+
+class _Empty:
+    @staticmethod
+    def get():
+        return None
+
+
+def test_a_drain_worker_process_collects_less_and_the_controller_as_before(
+        conf, db, driver):
+    # in a worker process (forked as a drain forks them): the objects it
+    # started with are left to it, young ones looked at less often
+    found = multiprocessing.get_context("fork").Queue()
+    child = multiprocessing.get_context("fork").Process(target=_report_gc, args=(found,))
+    child.start()
+    frozen, threshold = found.get(timeout=JOIN_S)
+    child.join(JOIN_S)
+    assert child.exitcode == 0
+    assert frozen > 1000 and threshold == hostops.WORKER_GC_THRESHOLD
+    # workers that are threads of the controller leave its collector alone
+    before = (gc.get_freeze_count(), gc.get_threshold())
+    instances = _cloud(db, driver, ["host-a"], 2)["host-a"]
+    report = hostops.drain_host(api.MigrationAPI(), "host-a", processes=1)
+    _assert_drained(db, driver, "host-a", instances, report)
+    assert (gc.get_freeze_count(), gc.get_threshold()) == before
