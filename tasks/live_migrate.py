@@ -78,10 +78,12 @@ def guest_on_destination(driver, source, dest, instance_uuid):
 
 class _Held:
     """The copy gate this step holds, if any: given back once, as soon as
-    the copy ended.  Its thread is urgent while it holds the gate (and as it
-    comes back with it): when it takes turns with others, it runs before
-    them, so the copies of the migrations waiting at the gate start as soon
-    as this one ended (``lifecycle.Turns``)."""
+    the copy ended.  Its thread is urgent from the wait for the gate on
+    (so it comes back with a place, or to look at an abort every
+    GATE_POLL_S, before the others) until it gives the gate back: when it
+    takes turns with others, it runs before them, so the copies of the
+    migrations waiting at the gate start as soon as this one ended
+    (``lifecycle.Turns``)."""
 
     def __init__(self, gate):
         self._gate, self._held = gate, False
