@@ -227,12 +227,7 @@ def tune_sqlite_engine(engine, synchronous="NORMAL", pool_size=10,
             old.dispose()
 
         def on_connect(dbapi_con, record):
-            dbapi_con.isolation_level = None  # _on_begin emits BEGIN
-            dbapi_con.execute("PRAGMA busy_timeout=30000")
-            if state["file"]:
-                _enable_wal(dbapi_con)
-            if state["synchronous"]:
-                dbapi_con.execute("PRAGMA synchronous=" + state["synchronous"])
+            _set_up(dbapi_con, state)
 
         for event, hook in (("connect", on_connect), ("checkin", _on_checkin),
                             ("commit", _on_commit), ("rollback", _on_rollback)):
@@ -249,6 +244,17 @@ def tune_sqlite_engine(engine, synchronous="NORMAL", pool_size=10,
         if state["file"]:
             engine.dispose()
     return engine
+
+
+def _set_up(dbapi_con, state):
+    """A new connection of a tuned engine (``state``: its tuning): autocommit
+    (``_on_begin`` emits BEGIN), busy timeout, WAL for a file, synchronous."""
+    dbapi_con.isolation_level = None
+    dbapi_con.execute("PRAGMA busy_timeout=30000")
+    if state["file"]:
+        _enable_wal(dbapi_con)
+    if state["synchronous"]:
+        dbapi_con.execute("PRAGMA synchronous=" + state["synchronous"])
 
 
 def _enable_wal(dbapi_con, timeout=30.0):
@@ -316,8 +322,7 @@ _INHERITED = []  # a forked child's inherited connections: the parent's, never c
 
 def _own_connection(engine, path):
     """This thread's own sqlite3 connection to ``engine``'s file, set up
-    as the engine's pool sets its connections up (WAL, busy timeout,
-    synchronous, autocommit).  A thread keeps one per engine while both
+    as the engine's pool sets its connections up (``_set_up``).  A thread keeps one per engine while both
     live; a forked child makes its own."""
     conns = getattr(_own, "conns", None)
     if conns is None or _own.pid != os.getpid():
@@ -325,14 +330,11 @@ def _own_connection(engine, path):
             _INHERITED.append(conns)
         conns = _own.conns = weakref.WeakKeyDictionary()
         _own.pid = os.getpid()
-    sync = _tuned[engine]["synchronous"]
+    state = _tuned[engine]
     found = conns.get(engine)
-    if found is not None and found[1] == sync:
+    if found is not None and found[1] == state["synchronous"]:
         return found[0]
-    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None)
-    conn.execute("PRAGMA busy_timeout=30000")
-    _enable_wal(conn)
-    if sync:
-        conn.execute("PRAGMA synchronous=" + sync)
-    conns[engine] = (conn, sync)
+    conn = sqlite3.connect(path, timeout=30.0)
+    _set_up(conn, state)
+    conns[engine] = (conn, state["synchronous"])
     return conn

@@ -3,6 +3,7 @@ goes to waiters in the order they asked, urgent ones (a migration holding a
 copy gate) first, and a thread that is not urgent hands it to a waiting
 urgent one between two steps of its flow, then gets it back first.  And a
 drain worker process's garbage collector (``hostops._collect_less``)."""
+import contextlib
 import gc
 import multiprocessing
 import threading
@@ -88,6 +89,7 @@ def test_a_flow_lets_an_urgent_thread_run_between_its_steps(turns, small_cloud):
     events, urgent_ran = [], []
     started = threading.Event()
 
+    @contextlib.contextmanager
     def listener(engine):
         def record(state, details):
             events.append((details.get("task_name") or details.get("retry_name"), state))
@@ -98,14 +100,10 @@ def test_a_flow_lets_an_urgent_thread_run_between_its_steps(turns, small_cloud):
                 while not turns._urgent and time.monotonic() < deadline:
                     time.sleep(0.001)
         engine.atom_notifier.register("*", record)
-
-        class _Registered:
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc_info):
-                engine.atom_notifier.deregister("*", record)
-        return _Registered()
+        try:
+            yield
+        finally:
+            engine.atom_notifier.deregister("*", record)
 
     migration = {}
 
