@@ -7,12 +7,19 @@ a flow-state change that writes only the flow's row, one transaction to
 persist a new flow (logbook, flow detail, store, pending atoms), one plain
 lock instead of a reader-writer lock, and each thread's flows built and
 compiled once and reused when not running, and the walk for the next
-atoms to run stopping at atoms not done yet.  It relies on TaskFlow's
-internals (``Storage``, ``SerialActionEngine``): setup.py bounds the
-version, tests/test_perf_engine.py and the crash matrices check it.
+atoms to run stopping at atoms not done yet.  A new flow whose atoms form
+one chain (every move flow: linear flows, a retry controller on a
+subflow) runs its atoms one after the other without TaskFlow's state
+machine (``Engine.run``): the same actions, so the same writes and
+notifications, in the same order; at the first failure the machine takes
+over from what is stored, as when it resumes a flow.  It relies on
+TaskFlow's internals (``Storage``, ``SerialActionEngine``): setup.py
+bounds the version, tests/test_perf_engine.py and the crash matrices check
+it.
 """
 import collections
 import contextlib
+import logging
 import threading
 import weakref
 
@@ -20,6 +27,7 @@ import fasteners
 import taskflow.engines
 from oslo_utils import reflection, uuidutils
 from taskflow import exceptions as tf_exc
+from taskflow import flow as tf_flow
 from taskflow import states as tf_states
 from taskflow import storage as tf_storage
 from taskflow.engines.action_engine import compiler as tf_compiler
@@ -27,11 +35,13 @@ from taskflow.engines.action_engine import engine as tf_engine
 from taskflow.engines.action_engine import runtime as tf_runtime
 from taskflow.engines.action_engine import selector as tf_selector
 from taskflow.persistence import models as tf_models
+from taskflow.types import failure as tf_failure
 from taskflow.types import notifier as tf_notifier
 from taskflow.utils import misc as tf_misc
 
 from migrateflow import lifecycle, persistence
 
+LOG = logging.getLogger(__name__)
 
 class OneLock:
     """TaskFlow's storage reader-writer lock as one reentrant lock.
@@ -198,15 +208,39 @@ class Runtime(tf_runtime.Runtime):
         return Selector(self)
 
 
+_chains = weakref.WeakKeyDictionary()  # compilation -> its atoms in order, or None
+
+
+def chain_of(compilation):
+    """The atoms of ``compilation`` in the order they run when they form
+    one chain (each node of the execution graph has at most one
+    predecessor and one successor, and no link has a decider), else None."""
+    try:
+        return _chains[compilation]
+    except KeyError:
+        pass
+    graph, chain = compilation.execution_graph, None
+    if all(degree <= 1 for _, degree in graph.in_degree()) and \
+            all(degree <= 1 for _, degree in graph.out_degree()) and \
+            not any(tf_flow.LINK_DECIDER in attrs for _, _, attrs in graph.edges(data=True)):
+        chain = tuple(node for node in graph.topological_sort()
+                      if graph.nodes[node]["kind"] in tf_compiler.ATOMS)
+    _chains[compilation] = chain
+    return chain
+
+
 class Engine(tf_engine.SerialActionEngine):
     """The serial engine with :class:`Storage`, given its flow's
-    compilation (``compile`` would make the same one again)."""
+    compilation (``compile`` would make the same one again).  ``fresh``:
+    nothing of the flow ran yet (``load``): when its atoms form one chain
+    ``run`` goes down it (see ``_run_chain``)."""
 
     def __init__(self, flow, flow_detail, backend, compilation=None, reuse_key=None,
-                 store_keys=None):
+                 store_keys=None, fresh=False):
         super().__init__(flow, flow_detail, backend, {})
         self._given_compilation, self._reuse_key = compilation, reuse_key
         self._store_keys = store_keys
+        self._fresh = fresh
         # between two steps (each step's state is persisted and announced
         # then, nothing is held): an urgent thread may run first
         self.atom_notifier.register(tf_notifier.Notifier.ANY, _pause)
@@ -222,6 +256,53 @@ class Engine(tf_engine.SerialActionEngine):
         super().validate()
         if self._given_compilation is not None and self._store_keys is not None:
             _validated.setdefault(self._given_compilation, set()).add(self._store_keys)
+
+    def run(self, timeout=None):
+        chain = chain_of(self._given_compilation) \
+            if self._fresh and self._given_compilation is not None else None
+        if chain is None:
+            return super().run(timeout=timeout)
+        self._fresh = False
+        with fasteners.try_lock(self._lock) as was_locked:
+            if not was_locked:
+                raise tf_exc.ExecutionFailure("Engine currently locked, please try again later")
+            if self._run_chain(chain):
+                return None
+        return super().run(timeout=timeout)
+
+    def _run_chain(self, chain):
+        """Run a new flow's atoms one after the other, as TaskFlow's
+        machine would (the same actions: state writes, arguments,
+        notifications), without the machine's search for the next atoms
+        after each one.  True when the flow ended here (succeeded or
+        suspended); False at an atom's failure, stored with the atom as
+        failed: the machine then resolves it (retry or rollback) from what
+        is stored, as when it resumes a flow.  A BaseException of a step
+        (``lifecycle.Detach``) goes up as it does through the machine,
+        leaving the step running."""
+        self.compile()
+        self.prepare()
+        self.validate()
+        storage, runtime = self.storage, self._runtime
+        with tf_engine._start_stop(self._task_executor, self._retry_executor):
+            self._change_state(tf_states.RUNNING)
+            try:
+                for atom in chain:
+                    if storage.get_flow_state() != tf_states.RUNNING:
+                        self._change_state(tf_states.SUSPENDED)  # engine.suspend()
+                        return True
+                    action = runtime.fetch_action(atom)
+                    with storage.lock.write_lock():
+                        _outcome, result = action.schedule_execution(atom).result()
+                        action.complete_execution(atom, result)
+                    if isinstance(result, tf_failure.Failure):
+                        return False
+                self._change_state(tf_states.SUCCESS)
+                return True
+            except Exception:
+                LOG.exception("engine of flow %s failed running its chain", storage.flow_name)
+                self._change_state(tf_states.FAILURE)
+                raise
 
     @tf_misc.cachedproperty
     def storage(self):
@@ -308,7 +389,7 @@ def load(factory, store, book, backend, factory_args=()):
     with contextlib.closing(backend.get_connection()) as conn:
         conn.save_logbook(book)
     return Engine(flow, flow_detail, backend, compilation, key,
-                   frozenset(injector.results))
+                   frozenset(injector.results), fresh=True)
 
 
 @contextlib.contextmanager
