@@ -19,6 +19,7 @@ it.
 """
 import collections
 import contextlib
+import functools
 import logging
 import threading
 import weakref
@@ -33,6 +34,7 @@ from taskflow import storage as tf_storage
 from taskflow.engines.action_engine import compiler as tf_compiler
 from taskflow.engines.action_engine import engine as tf_engine
 from taskflow.engines.action_engine import runtime as tf_runtime
+from taskflow.engines.action_engine import scopes as tf_scopes
 from taskflow.engines.action_engine import selector as tf_selector
 from taskflow.persistence import models as tf_models
 from taskflow.types import failure as tf_failure
@@ -200,12 +202,53 @@ class Selector(tf_selector.Selector):
                 queue.extend(graph.successors(node))
 
 
+#: compilation -> {atom name: (kind, scope walker, edge deciders)}: what a
+#: runtime keeps per atom that depends on the compilation alone
+_atom_parts = weakref.WeakKeyDictionary()
+
+
 class Runtime(tf_runtime.Runtime):
-    """TaskFlow's runtime with :class:`Selector`."""
+    """TaskFlow's runtime with :class:`Selector`, whose per-atom parts that
+    depend on the compilation alone are made once per compilation and
+    shared by the runtimes of every engine reusing it (``compiled_flow``):
+    a scope walker remembers the scopes it walked (each argument lookup
+    walks them), and finding an atom's place in the hierarchy and its
+    edge deciders is done once, not per run."""
 
     @tf_misc.cachedproperty
     def selector(self):
         return Selector(self)
+
+    def compile(self):
+        parts = _atom_parts.get(self._compilation)
+        if parts is None:
+            parts = _atom_parts[self._compilation] = self._atom_parts()
+        handlers = {
+            tf_compiler.TASK: (functools.partial(self.task_action.change_state, progress=0.0),
+                               self.task_scheduler, tf_states.check_task_transition,
+                               self.task_action),
+            tf_compiler.RETRY: (self.retry_action.change_state, self.retry_scheduler,
+                                tf_states.check_retry_transition, self.retry_action),
+        }
+        for name, (kind, walker, deciders) in parts.items():
+            change_state, scheduler, check_transition, action = handlers[kind]
+            self._atom_cache[name] = {
+                "scope_walker": walker, "edge_deciders": deciders, "action": action,
+                "change_state_handler": change_state, "scheduler": scheduler,
+                "check_transition_handler": check_transition}
+
+    def _atom_parts(self):
+        graph, parts = self._compilation.execution_graph, {}
+        for node, attrs in graph.nodes(data=True):
+            kind = attrs["kind"]
+            if kind in tf_compiler.FLOWS:
+                continue
+            if kind not in tf_compiler.ATOMS:
+                raise tf_exc.CompilationFailure(f"Unknown node kind '{kind}' encountered")
+            parts[node.name] = (kind, tf_scopes.ScopeWalker(self._compilation, node,
+                                                            names_only=True),
+                                tuple(self._walk_edge_deciders(graph, node)))
+        return parts
 
 
 _chains = weakref.WeakKeyDictionary()  # compilation -> its atoms in order, or None

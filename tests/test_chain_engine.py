@@ -140,3 +140,19 @@ def test_only_a_chain_of_atoms_runs_without_the_machine():
     decided = graph_flow.Flow("g").add(x, y).link(x, y, decider=lambda history: True)
     for flow in (side_by_side, decided):
         assert serial_engine.chain_of(tf_compiler.PatternCompiler(flow).compile()) is None
+
+
+def test_runs_reusing_a_flow_share_its_scope_walkers():
+    """Each argument lookup walks the atom's scopes: the walkers (which
+    remember what they walked) are made once per compilation, and a second
+    run of the thread's reused flow finds the same arguments."""
+    backend = impl_memory.MemoryBackend()
+    first, second = _run(_ours, {}, backend), _run(_ours, {}, backend)
+    assert first[0] == second[0] and first[0], "the same calls, with the same arguments"
+    assert second[2][0] == tf_states.SUCCESS
+    runtimes = [result[4]._runtime for result in (first, second)]
+    assert runtimes[0] is not runtimes[1]
+    for name in ("a", "c", "f", "choose-retry"):
+        assert runtimes[0].fetch_scopes_for(name) is runtimes[1].fetch_scopes_for(name)
+    assert list(runtimes[1].fetch_scopes_for("f")) == [
+        ["e", "d", "c", "choose-retry", "b", "a"]]
