@@ -41,7 +41,10 @@ class Turns:
     waiting urgent one at its next ``pause`` (between two steps of its
     flow), then comes back first.  So a copy that ended is noticed, and its
     gate given back, within a step of another flow, not after that flow
-    reached its next wait.
+    reached its next wait.  A thread whose wait ends holding what the
+    others need (its process's write lock on a database, got while it
+    queued) comes back before every waiter, urgent ones included: the
+    threads running meanwhile would each find the lock taken and queue.
     """
 
     def __init__(self):
@@ -58,10 +61,14 @@ class Turns:
         """Context manager: this thread takes turns while inside."""
         return _Taking(self)
 
-    def waiting(self):
+    def waiting(self, first_back=False):
         """Context manager around a wait: the turn is given away during it
-        when this thread has it (else nothing happens)."""
-        return _Waiting(self) if self.holding() else _NOTHING
+        when this thread has it (else nothing happens).  ``first_back``:
+        after the wait this thread gets the turn before every other waiter
+        (it holds what they need: a database's write lock)."""
+        if not self.holding():
+            return _NOTHING
+        return _WaitingFirstBack(self) if first_back else _Waiting(self)
 
     def set_urgent(self, urgent):
         """Mark this thread urgent (True) or not: see the class."""
@@ -85,14 +92,17 @@ class Turns:
             wakeup.acquire()
         return wakeup
 
-    def _acquire(self):
+    def _acquire(self, first=False):
         wakeup = self._wakeup()
         with self._mutex:
             if not self._busy:
                 self._busy = True
                 self._local.held = True
                 return
-            (self._urgent if self.is_urgent() else self._others).append(wakeup)
+            if first:
+                self._urgent.appendleft(wakeup)
+            else:
+                (self._urgent if self.is_urgent() else self._others).append(wakeup)
         wakeup.acquire()  # the turn is ours once it is let go
         self._local.held = True
 
@@ -151,6 +161,13 @@ class _Waiting:
         self._turns._acquire()
 
 
+class _WaitingFirstBack(_Waiting):
+    __slots__ = ()
+
+    def __exit__(self, *exc_info):
+        self._turns._acquire(first=True)
+
+
 _NOTHING = contextlib.nullcontext()  # reusable
 
 #: the turns of this process's migration threads (see ``hostops``)
@@ -165,9 +182,9 @@ def _after_fork_in_child():
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def waiting():
+def waiting(first_back=False):
     """Wrap a wait of a migration thread: see :class:`Turns`."""
-    return TURNS.waiting()
+    return TURNS.waiting(first_back)
 
 
 def sleep(seconds):

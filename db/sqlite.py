@@ -68,7 +68,9 @@ class WriterLock:
 
     def acquire(self, timeout=WRITER_QUEUE_TIMEOUT_S):
         if not self._local.acquire(blocking=False):
-            with lifecycle.waiting():  # another thread of ours writes: a wait
+            # another thread of ours writes: a wait, after which this thread
+            # holds the lock and runs first (the others would wait for it)
+            with lifecycle.waiting(first_back=True):
                 if not self._local.acquire(timeout=timeout):
                     return False
         try:

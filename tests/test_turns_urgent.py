@@ -10,6 +10,7 @@ import threading
 import time
 
 from migrateflow import api, hostops, lifecycle
+from migrateflow.db import sqlite as db_sqlite
 from migrateflow.tasks import live_migrate
 
 from test_host_drain import _assert_drained, _cloud
@@ -81,6 +82,65 @@ def test_an_urgent_thread_does_not_pause_for_another(turns):  # noqa: F811
         turns.set_urgent(False)
     _join([waiter])
     assert order == ["urgent holder", "urgent waiter"]
+
+
+def test_a_wait_first_back_gets_the_turn_before_every_waiter(turns):  # noqa: F811
+    """A thread that got a database's write lock in its wait comes back
+    before the urgent waiters and the others (they would wait for it)."""
+    order, asked, done = [], threading.Event(), threading.Event()
+
+    def writer():
+        with turns.take():
+            with turns.waiting(first_back=True):
+                asked.set()
+                assert done.wait(JOIN_S)
+            order.append("writer back")
+
+    first = _start(writer)
+    assert asked.wait(JOIN_S)  # it took the turn and gave it away
+    with turns.take():
+        waiters = [_start(_queue(turns, "other", order)),
+                   _start(_queue(turns, "urgent", order, urgent=True))]
+        done.set()
+        time.sleep(QUEUED_S)  # the writer queued again, after the others
+        order.append("holder leaves")
+    _join([first, *waiters])
+    assert order == ["holder leaves", "writer back", "urgent", "other"]
+
+
+def test_a_writer_lock_got_after_a_wait_is_used_before_the_others_run(turns, tmp_path):  # noqa: F811
+    """A thread queueing for its process's writer lock (held by a thread
+    that does not take turns, like the step mirror's) runs first once it
+    got it, so the threads taking turns meanwhile do not queue behind it
+    one after the other."""
+    path = str(tmp_path / "state.sqlite")
+    order, held, release = [], threading.Event(), threading.Event()
+
+    def outsider():  # takes no turns
+        lock = db_sqlite.take_writer_lock(path)
+        held.set()
+        assert release.wait(JOIN_S)
+        lock.release()
+
+    def queued_writer():
+        with turns.take():
+            lock = db_sqlite.take_writer_lock(path)
+            order.append("queued writer writes")
+            lock.release()
+
+    def other():
+        with turns.take():
+            order.append("other runs")
+
+    holder = _start(outsider)
+    assert held.wait(JOIN_S)
+    writer = _start(queued_writer)  # took the turn, then gave it away to queue
+    with turns.take():
+        others = [_start(other), _start(other)]
+        release.set()
+        time.sleep(QUEUED_S)  # the writer got the lock and queued for the turn
+    _join([holder, writer, *others])
+    assert order == ["queued writer writes", "other runs", "other runs"]
 
 
 def test_a_flow_lets_an_urgent_thread_run_between_its_steps(turns, small_cloud):  # noqa: F811
