@@ -7,6 +7,7 @@ threads and processes on SQLite, PostgreSQL and MariaDB alike.
 """
 import json
 import os
+import sqlite3
 import uuid as uuidlib
 
 import sqlalchemy as sa
@@ -16,6 +17,7 @@ from migrateflow.db import attachments, moves, resizes
 from migrateflow.db import engine as db_engine
 from migrateflow.db import sqlite
 from migrateflow.db import models as m
+from migrateflow.db import observe
 from migrateflow.db.common import now as _now, retry as _retry, row as _row
 
 _SEL_HOST = m.hosts.select().where(m.hosts.c.name == sa.bindparam("key"))
@@ -31,6 +33,13 @@ _CONSUME = m.hosts.update().where(
          vcpus_used=_h.vcpus_used + sa.bindparam("b_vcpus"),
          disk_used_gb=_h.disk_used_gb + sa.bindparam("b_disk"),
          updated_at=sa.bindparam("b_now"))
+_RAW_CONSUME = (
+    "UPDATE hosts SET memory_used_mb = memory_used_mb + ?, vcpus_used = vcpus_used + ?, "
+    "disk_used_gb = disk_used_gb + ?, updated_at = ? WHERE name = ? AND "
+    "memory_mb - memory_reserved_mb - memory_used_mb >= ? AND disk_gb - disk_used_gb >= ?")
+_RAW_RELEASE = (
+    "UPDATE hosts SET memory_used_mb = memory_used_mb - ?, vcpus_used = vcpus_used - ?, "
+    "disk_used_gb = disk_used_gb - ?, updated_at = ? WHERE name = ?")
 _RELEASE = m.hosts.update().where(_h.name == sa.bindparam("b_host")).values(
     memory_used_mb=_h.memory_used_mb - sa.bindparam("b_memory"),
     vcpus_used=_h.vcpus_used - sa.bindparam("b_vcpus"),
@@ -114,6 +123,45 @@ class StateDB(moves.MigrationRecords, resizes.ResizeRecords, attachments.Attachm
                 found[name] = bool(found[name])
         return found
 
+    def _raw_writer(self):
+        """A write transaction straight on this thread's own sqlite3
+        connection (``sqlite.raw_transaction``) for a SQLite file, else
+        None: the caller uses SQLAlchemy's (``_writer``)."""
+        if self._raw_sqlite() and sqlite.raw_capable(self.engine):
+            return sqlite.raw_transaction(self.engine)
+        return None
+
+    def _raw_instance_writer(self, table_values=()):
+        """``_raw_writer`` for a transaction that changes instances, None
+        while their state changes are announced (``observe`` watches
+        SQLAlchemy's UPDATEs) or when a (table, values) pair of
+        ``table_values`` names a column the table does not have."""
+        if observe.announcing() or any(not set(values) <= _columns(table)
+                                       for table, values in table_values):
+            return None
+        return self._raw_writer()
+
+    def _raw_all(self, table, where, params, order):
+        """The rows of ``table`` matching ``where`` (SQLite, ``?``
+        parameters) by ``order``, as dicts (Booleans as bool), straight on
+        a SQLite file; None elsewhere (the caller uses SQLAlchemy)."""
+        if not (self._raw_sqlite() and sqlite.raw_capable(self.engine)):
+            return None
+        key = (table.name, where, order)
+        found = _raw_selects.get(key)
+        if found is None:
+            names = [c.name for c in table.columns]
+            found = _raw_selects[key] = (
+                f"SELECT {', '.join(names)} FROM {table.name} WHERE {where} ORDER BY {order}",
+                names, [c.name for c in table.columns if isinstance(c.type, sa.Boolean)])
+        sql, names, booleans = found
+        rows = [dict(zip(names, row)) for row in sqlite.execute_raw(self.engine, sql, params)]
+        for row in rows:
+            for name in booleans:
+                if row[name] is not None:
+                    row[name] = bool(row[name])
+        return rows
+
     def _raw_update(self, table, key_column, key, values, column=None, among=None):
         """UPDATE ``table`` SET ``values`` WHERE ``key_column`` = ``key``
         (and ``column`` IN ``among``) on SQLite; the row count, or None when
@@ -166,9 +214,13 @@ class StateDB(moves.MigrationRecords, resizes.ResizeRecords, attachments.Attachm
 
     @_retry
     def list_hosts(self):
-        with self._reader() as conn:
-            rows = conn.execute(_SEL_HOSTS)
-            return [_host_dict(r) for r in rows]
+        hosts = self._raw_all(m.hosts, "1", (), "name")
+        if hosts is None:
+            with self._reader() as conn:
+                return [_host_dict(r) for r in conn.execute(_SEL_HOSTS)]
+        for host in hosts:
+            host["cpu_features"] = json.loads(host["cpu_features"])
+        return hosts
 
     @_retry
     def update_host(self, name, **values):
@@ -223,21 +275,37 @@ class StateDB(moves.MigrationRecords, resizes.ResizeRecords, attachments.Attachm
         return self.get_instance(instance_uuid)
 
     def _consume(self, conn, host, memory_mb, vcpus, disk_gb):
-        """Add usage to ``host`` only if it fits; else InsufficientResources."""
-        res = conn.execute(_CONSUME, {"b_host": host, "b_memory": memory_mb, "b_vcpus": vcpus,
-                                      "b_disk": disk_gb, "b_now": _now()})
-        if res.rowcount == 1:
+        """Add usage to ``host`` only if it fits; else InsufficientResources.
+        ``conn``: SQLAlchemy's, or a raw transaction's sqlite3 connection."""
+        if isinstance(conn, sqlite3.Connection):
+            changed = conn.execute(_RAW_CONSUME, (memory_mb, vcpus, disk_gb, _now(), host,
+                                                  memory_mb, disk_gb)).rowcount
+            row = None if changed == 1 else conn.execute(
+                "SELECT memory_mb, memory_reserved_mb, memory_used_mb, disk_gb, disk_used_gb "
+                "FROM hosts WHERE name = ?", (host,)).fetchone()
+        else:
+            changed = conn.execute(_CONSUME, {"b_host": host, "b_memory": memory_mb,
+                                              "b_vcpus": vcpus, "b_disk": disk_gb,
+                                              "b_now": _now()}).rowcount
+            row = None if changed == 1 else conn.execute(_SEL_HOST, {"key": host}).first()
+            row = row and (row.memory_mb, row.memory_reserved_mb, row.memory_used_mb,
+                           row.disk_gb, row.disk_used_gb)
+        if changed == 1:
             return
-        row = conn.execute(_SEL_HOST, {"key": host}).first()
         if row is None:
             raise exc.HostNotFound(host)
-        free_mem = row.memory_mb - row.memory_reserved_mb - row.memory_used_mb
+        memory, reserved, used, disk, disk_used = row
         raise exc.InsufficientResources(
             f"host {host} cannot hold {memory_mb} MB memory and {disk_gb} GB disk: "
-            f"{free_mem} MB memory and {row.disk_gb - row.disk_used_gb} GB disk free")
+            f"{memory - reserved - used} MB memory and {disk - disk_used} GB disk free")
 
     @staticmethod
     def _release(conn, host, memory_mb, vcpus, disk_gb):
+        """Take usage off ``host``; ``conn``: SQLAlchemy's or a raw
+        transaction's sqlite3 connection."""
+        if isinstance(conn, sqlite3.Connection):
+            conn.execute(_RAW_RELEASE, (memory_mb, vcpus, disk_gb, _now(), host))
+            return
         conn.execute(_RELEASE, {"b_host": host, "b_memory": memory_mb, "b_vcpus": vcpus,
                                 "b_disk": disk_gb, "b_now": _now()})
 
@@ -262,6 +330,10 @@ class StateDB(moves.MigrationRecords, resizes.ResizeRecords, attachments.Attachm
         Returns True when the row changed (the compare-and-swap won).
         """
         values["updated_at"] = _now()
+        if not expected and not observe.announcing():
+            count = self._raw_update(m.instances, "uuid", instance_uuid, values)
+            if count is not None:
+                return count == 1
         if not expected:
             with self._writer() as conn:
                 return conn.execute(moves.UPDATE_INSTANCE, dict(values, b_uuid=instance_uuid)

@@ -27,6 +27,24 @@ _SEL_CONNECTED = sa.select(_v.volume_id).where(_v.host == _HOST, _v.volume_id.in
 _INS_CONNECTION = m.volume_connections.insert()
 _DEL_CONNECTIONS = m.volume_connections.delete().where(
     _v.host == _HOST, _v.volume_id.in_(_VOLUMES))
+# the same on SQLite, straight on a raw transaction's connection
+_RAW_INS_BINDING = ("INSERT INTO port_bindings (port_id, host, status, migration_uuid, "
+                    "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)")
+_RAW_INS_CONNECTION = ("INSERT INTO volume_connections (volume_id, instance_uuid, host, "
+                       "migration_uuid, connection_info, created_at, updated_at) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)")
+
+
+def _raw_found(db, column, table, host, keys):
+    """Which of ``keys`` (``column``) ``table`` holds on ``host``."""
+    marks = ", ".join("?" * len(keys))
+    return {row[0] for row in db.execute(
+        f"SELECT {column} FROM {table} WHERE host = ? AND {column} IN ({marks})",
+        (host, *keys))}
+
+
+def _connection_info(volume_id, host):
+    return json.dumps({"target": f"iqn.{volume_id}", "host": host})
 
 
 class Attachments:
@@ -34,7 +52,10 @@ class Attachments:
 
     # -- ports and bindings (the embedded network service's records) ----------
     def list_ports(self, instance_uuid):
-        return self._fetch_all(_SEL_PORTS, {"b_instance": instance_uuid})
+        ports = self._raw_all(m.ports, "instance_uuid = ?", (instance_uuid,), "network_id")
+        if ports is None:
+            ports = self._fetch_all(_SEL_PORTS, {"b_instance": instance_uuid})
+        return ports
 
     def list_port_bindings(self, instance_uuid=None, host=None):
         b = m.port_bindings.c
@@ -49,7 +70,15 @@ class Attachments:
     @_retry
     def add_port_bindings(self, port_ids, host, status, migration_uuid=None):
         """Create a binding per port on ``host`` unless one exists."""
-        now = _now()
+        port_ids, now = list(port_ids), _now()
+        raw = self._raw_writer()
+        if raw is not None:  # the same, straight on SQLite
+            with raw as db:
+                existing = _raw_found(db, "port_id", "port_bindings", host, port_ids)
+                db.executemany(_RAW_INS_BINDING, [
+                    (port_id, host, status, migration_uuid, now, now)
+                    for port_id in port_ids if port_id not in existing])
+            return len(set(port_ids) - existing)
         with self._writer() as conn:
             existing = set(conn.execute(_SEL_BOUND, {"b_host": host,
                                                      "b_ports": list(port_ids)}).scalars())
@@ -73,6 +102,17 @@ class Attachments:
     @_retry
     def activate_port_bindings(self, port_ids, host):
         """Make ``host``'s bindings ACTIVE and drop every other binding."""
+        port_ids, raw = list(port_ids), self._raw_writer()
+        if raw is not None:  # the same, straight on SQLite
+            marks = ", ".join("?" * len(port_ids))
+            with raw as db:
+                changed = db.execute(
+                    "UPDATE port_bindings SET status = 'ACTIVE', updated_at = ? WHERE host = ? "
+                    f"AND port_id IN ({marks}) AND status != 'ACTIVE'",
+                    (_now(), host, *port_ids)).rowcount
+                changed += db.execute(f"DELETE FROM port_bindings WHERE host != ? AND port_id "
+                                      f"IN ({marks})", (host, *port_ids)).rowcount
+            return changed
         where = {"b_host": host, "b_ports": list(port_ids)}
         with self._writer() as conn:
             changed = conn.execute(_ACTIVATE_BINDINGS, dict(
@@ -82,7 +122,11 @@ class Attachments:
 
     # -- block devices and volume connections (the volume service's records) --
     def list_block_devices(self, instance_uuid):
-        return self._fetch_all(_SEL_BLOCK_DEVICES, {"b_instance": instance_uuid})
+        devices = self._raw_all(m.block_devices, "instance_uuid = ?", (instance_uuid,),
+                                "device_name")
+        if devices is None:
+            devices = self._fetch_all(_SEL_BLOCK_DEVICES, {"b_instance": instance_uuid})
+        return devices
 
     def list_volume_connections(self, instance_uuid=None, host=None):
         v = m.volume_connections.c
@@ -95,7 +139,16 @@ class Attachments:
 
     @_retry
     def add_volume_connections(self, instance_uuid, volume_ids, host, migration_uuid=None):
-        now = _now()
+        volume_ids, now = list(volume_ids), _now()
+        raw = self._raw_writer()
+        if raw is not None:  # the same, straight on SQLite
+            with raw as db:
+                existing = _raw_found(db, "volume_id", "volume_connections", host, volume_ids)
+                db.executemany(_RAW_INS_CONNECTION, [
+                    (volume_id, instance_uuid, host, migration_uuid,
+                     _connection_info(volume_id, host), now, now)
+                    for volume_id in volume_ids if volume_id not in existing])
+            return len(set(volume_ids) - existing)
         with self._writer() as conn:
             existing = set(conn.execute(_SEL_CONNECTED, {
                 "b_host": host, "b_volumes": list(volume_ids)}).scalars())
@@ -104,13 +157,18 @@ class Attachments:
                     conn.execute(_INS_CONNECTION, {
                         "volume_id": volume_id, "instance_uuid": instance_uuid,
                         "host": host, "migration_uuid": migration_uuid,
-                        "connection_info": json.dumps({"target": f"iqn.{volume_id}",
-                                                       "host": host}),
+                        "connection_info": _connection_info(volume_id, host),
                         "created_at": now, "updated_at": now})
         return len(set(volume_ids) - existing)
 
     @_retry
     def delete_volume_connections(self, volume_ids, host):
+        volume_ids, raw = list(volume_ids), self._raw_writer()
+        if raw is not None:  # the same, straight on SQLite
+            with raw as db:
+                return db.execute(
+                    "DELETE FROM volume_connections WHERE host = ? AND volume_id IN "
+                    f"({', '.join('?' * len(volume_ids))})", (host, *volume_ids)).rowcount
         with self._writer() as conn:
             return conn.execute(_DEL_CONNECTIONS, {"b_host": host,
                                                    "b_volumes": list(volume_ids)}).rowcount

@@ -25,3 +25,8 @@ def now():
 
 def row(result_row):
     return dict(result_row._mapping) if result_row is not None else None
+
+
+def raw_sets(values):
+    """The SET clause of a SQLite UPDATE of ``values``' keys (``?`` each)."""
+    return ", ".join(f"{name} = ?" for name in values)

@@ -7,7 +7,7 @@ import sqlalchemy as sa
 
 from migrateflow import exceptions as exc
 from migrateflow.db import models as m
-from migrateflow.db.common import now as _now, retry as _retry
+from migrateflow.db.common import now as _now, raw_sets, retry as _retry
 
 _MIG = m.migrations.c
 _SEL_MIGRATION = m.migrations.select().where(_MIG.uuid == sa.bindparam("key"))
@@ -31,6 +31,9 @@ _SEL_CLAIM = m.resource_claims.select().where(
     _C.migration_uuid == sa.bindparam("b_migration"), _C.host == sa.bindparam("b_host"))
 _INS_CLAIM = m.resource_claims.insert()
 _DEL_CLAIM = m.resource_claims.delete().where(_C.id == sa.bindparam("b_id"))
+_RAW_SEL_CLAIM = "SELECT id FROM resource_claims WHERE migration_uuid = ? AND host = ?"
+_RAW_INS_CLAIM = ("INSERT INTO resource_claims (migration_uuid, instance_uuid, host, memory_mb, "
+                  "vcpus, disk_gb, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 
 
 class MigrationRecords:
@@ -149,6 +152,20 @@ class MigrationRecords:
         one of ``expected_statuses``.
         """
         now = _now()
+        mig_values = dict(values, status=status, finished_at=now, updated_at=now)
+        inst_values = dict(instance_values or {}, task_state=None, updated_at=now)
+        raw = self._raw_instance_writer([(m.migrations, mig_values),
+                                         (m.instances, inst_values)])
+        if raw is not None:  # the same, straight on SQLite
+            statuses = list(expected_statuses)
+            with raw as db:
+                if db.execute(f"UPDATE migrations SET {raw_sets(mig_values)} WHERE uuid = ? "
+                              f"AND status IN ({', '.join('?' * len(statuses))})",
+                              (*mig_values.values(), migration_uuid, *statuses)).rowcount != 1:
+                    return False
+                db.execute(f"UPDATE instances SET {raw_sets(inst_values)} WHERE uuid = ?",
+                           (*inst_values.values(), instance_uuid))
+            return True
         with self._writer() as conn:
             res = conn.execute(_UPD_MIGRATION_FROM, dict(
                 values, status=status, finished_at=now, updated_at=now, b_uuid=migration_uuid,
@@ -181,6 +198,18 @@ class MigrationRecords:
         Idempotent: an existing claim of this migration on this host is kept.
         """
         local_disk = 0 if instance["volume_backed"] else instance["disk_gb"]
+        claim = dict(migration_uuid=migration_uuid, instance_uuid=instance["uuid"], host=host,
+                     memory_mb=instance["memory_mb"], vcpus=instance["vcpus"],
+                     disk_gb=local_disk)
+        raw = self._raw_writer()
+        if raw is not None:  # the same, straight on SQLite
+            with raw as db:
+                if db.execute(_RAW_SEL_CLAIM, (migration_uuid, host)).fetchone():
+                    return False
+                self._consume(db, host, instance["memory_mb"], instance["vcpus"], local_disk)
+                now = _now()
+                db.execute(_RAW_INS_CLAIM, (*claim.values(), now, now))
+            return True
         with self._writer() as conn:
             existing = conn.execute(_SEL_CLAIM, {"b_migration": migration_uuid,
                                                  "b_host": host}).first()
@@ -188,10 +217,7 @@ class MigrationRecords:
                 return False
             self._consume(conn, host, instance["memory_mb"], instance["vcpus"], local_disk)
             now = _now()
-            conn.execute(_INS_CLAIM, dict(
-                migration_uuid=migration_uuid, instance_uuid=instance["uuid"], host=host,
-                memory_mb=instance["memory_mb"], vcpus=instance["vcpus"],
-                disk_gb=local_disk, created_at=now, updated_at=now))
+            conn.execute(_INS_CLAIM, dict(claim, created_at=now, updated_at=now))
         return True
 
     @_retry
@@ -224,6 +250,25 @@ class MigrationRecords:
         ``dest`` nothing changes.
         """
         now = _now()
+        inst_values = dict(values, host=dest, updated_at=now)
+        raw = self._raw_instance_writer([(m.instances, inst_values)])
+        if raw is not None:  # the same, straight on SQLite
+            with raw as db:
+                if db.execute(f"UPDATE instances SET {raw_sets(inst_values)} WHERE uuid = ? "
+                              "AND host = ?", (*inst_values.values(), instance_uuid, source)
+                              ).rowcount != 1:
+                    return False
+                memory, vcpus, disk, volume_backed = db.execute(
+                    "SELECT memory_mb, vcpus, disk_gb, volume_backed FROM instances "
+                    "WHERE uuid = ?", (instance_uuid,)).fetchone()
+                local_disk = 0 if volume_backed else disk
+                claim = db.execute(_RAW_SEL_CLAIM, (migration_uuid, dest)).fetchone()
+                if claim is not None:
+                    db.execute("DELETE FROM resource_claims WHERE id = ?", (claim[0],))
+                else:  # the usage is the instance's, claimed or not
+                    self._release(db, dest, -memory, -vcpus, -local_disk)
+                self._release(db, source, memory, vcpus, local_disk)
+            return True
         with self._writer() as conn:
             res = conn.execute(_UPD_INSTANCE_ON, dict(
                 values, host=dest, updated_at=now, b_uuid=instance_uuid, b_host=source))

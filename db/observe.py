@@ -39,6 +39,12 @@ def _selected():
     return notifications.state_change_selected() is not None
 
 
+def announcing():
+    """True when instance state changes are announced: then they must go
+    through SQLAlchemy's engine, whose events are watched here."""
+    return _selected()
+
+
 def _states(conn, where, param_sets=({},)):
     """{uuid: states} of the instances ``where`` selects, with each of the
     statement's parameter sets (its WHERE may have bound parameters)."""

@@ -2,6 +2,7 @@
 the flow persistence alike: WAL, a busy timeout, a real connection pool,
 and ``BEGIN IMMEDIATE`` so writers queue instead of failing."""
 import collections
+import contextlib
 import fcntl
 import os
 import sqlite3
@@ -297,14 +298,46 @@ def execute_raw(engine, sql, params=(), write=False):
     SQLite's own (``?`` parameters); results are not type-processed (the
     caller knows its columns); errors are sqlite3's.
     """
-    path = _file_of(engine)
-    if path is None or not (_tuned.get(engine) or {}).get("synchronous"):
+    if not raw_capable(engine):
         fairy = engine.raw_connection()
         try:
             return _execute(fairy.driver_connection, None, sql, params, write)
         finally:
             fairy.close()
+    path = _file_of(engine)
     return _execute(_own_connection(engine, path), path, sql, params, write)
+
+
+def raw_capable(engine):
+    """True when ``engine``'s statements may run on each thread's own
+    sqlite3 connection (``execute_raw``, ``raw_transaction``): a file
+    database whose pool's connections this module sets up."""
+    return _file_of(engine) is not None and bool((_tuned.get(engine) or {}).get("synchronous"))
+
+
+@contextlib.contextmanager
+def raw_transaction(engine):
+    """One write transaction of several statements straight on this
+    thread's own sqlite3 connection to ``engine``'s file (``raw_capable``
+    engines only; why: ``execute_raw``): the writer lock, ``BEGIN
+    IMMEDIATE``, the body's statements, ``COMMIT`` (``ROLLBACK`` when the
+    body or the commit raised).  Yields the sqlite3 connection; errors are
+    sqlite3's."""
+    path = _file_of(engine)
+    dbapi_con = _own_connection(engine, path)
+    held = take_writer_lock(path)
+    try:
+        dbapi_con.execute("BEGIN IMMEDIATE")
+        try:
+            yield dbapi_con
+            dbapi_con.execute("COMMIT")
+        except BaseException:
+            if dbapi_con.in_transaction:
+                dbapi_con.execute("ROLLBACK")
+            raise
+    finally:
+        if held is not None:
+            held.release()
 
 
 def _execute(dbapi_con, path, sql, params, write):

@@ -1,8 +1,10 @@
 """``db.sqlite.execute_raw``: a file database's hot statements run on the
 calling thread's own sqlite3 connection, set up as the engine's pool sets
 its connections up, renewed when that changes, and made anew in a forked
-child; other databases' go through the pool."""
+child; other databases' go through the pool.  ``raw_transaction``: several
+statements at once there, all or nothing, the writer lock given back."""
 import multiprocessing
+import sqlite3
 import threading
 
 import sqlalchemy as sa
@@ -101,3 +103,32 @@ def test_in_memory_and_untuned_databases_go_through_the_pool(tmp_path):
     assert db_sqlite.execute_raw(untuned, "SELECT x FROM t") == [(5,)]
     memory.dispose()
     untuned.dispose()
+
+
+def test_a_raw_transaction_commits_all_or_nothing_and_lets_the_next_writer_in(tmp_path):
+    eng = _engine(tmp_path)
+    assert db_sqlite.raw_capable(eng)
+    with db_sqlite.raw_transaction(eng) as db:
+        db.execute("INSERT INTO t VALUES (1)")
+        db.execute("INSERT INTO t VALUES (2)")
+        other = sqlite3.connect(db_sqlite._file_of(eng))  # not committed yet: it sees none
+        assert other.execute("SELECT count(*) FROM t").fetchone() == (0,)
+        other.close()
+    try:
+        with db_sqlite.raw_transaction(eng) as db:
+            db.execute("INSERT INTO t VALUES (3)")
+            raise KeyError("the body failed")
+    except KeyError:
+        pass
+    assert not _own(eng).in_transaction
+    writer = db_sqlite._writer_lock(db_sqlite._file_of(eng))
+    assert not writer.locked()  # given back after the commit and after the rollback
+    with eng.connect() as conn:
+        assert conn.exec_driver_sql("SELECT x FROM t ORDER BY x").scalars().all() == [1, 2]
+    eng.dispose()
+
+
+def test_only_a_tuned_file_database_is_raw_capable(tmp_path):
+    assert not db_sqlite.raw_capable(db_sqlite.tune_sqlite_engine(sa.create_engine("sqlite://")))
+    assert not db_sqlite.raw_capable(sa.create_engine(f"sqlite:///{tmp_path / 'plain.sqlite'}"))
+    assert not db_sqlite.raw_capable(_engine(tmp_path, synchronous=None))
