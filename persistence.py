@@ -312,7 +312,7 @@ class Connection(base.Connection):
     def update_flow_row(self, flow_detail):
         """Write the flow's own row only (its state and metadata): for a
         caller that knows each of its atoms is stored as it holds it.  Not
-        part of TaskFlow's connection API (see ``serial_engine.Storage``)."""
+        part of TaskFlow's connection API (see ``serial_storage.Storage``)."""
         fd = flow_detail
         row = {"state": fd.state, "data": _encode(fd.to_dict()),
                "updated_at": _now(), "b_uuid": fd.uuid}

@@ -14,12 +14,11 @@ machine (``Engine.run``): the same actions, so the same writes and
 notifications, in the same order; at the first failure the machine takes
 over from what is stored, as when it resumes a flow.  It relies on
 TaskFlow's internals (``Storage``, ``SerialActionEngine``): setup.py
-bounds the version, tests/test_perf_engine.py and the crash matrices check
-it.
+bounds the version, tests/test_perf_engine.py, tests/test_chain_engine.py
+and the crash matrices check it.  The storage is ``serial_storage``'s, the
+runtime ``serial_runtime``'s.
 """
-import collections
 import contextlib
-import functools
 import logging
 import threading
 import weakref
@@ -28,248 +27,24 @@ import fasteners
 import taskflow.engines
 from oslo_utils import reflection, uuidutils
 from taskflow import exceptions as tf_exc
-from taskflow import flow as tf_flow
 from taskflow import states as tf_states
 from taskflow import storage as tf_storage
 from taskflow.engines.action_engine import compiler as tf_compiler
 from taskflow.engines.action_engine import engine as tf_engine
-from taskflow.engines.action_engine import runtime as tf_runtime
-from taskflow.engines.action_engine import scopes as tf_scopes
-from taskflow.engines.action_engine import selector as tf_selector
 from taskflow.persistence import models as tf_models
 from taskflow.types import failure as tf_failure
 from taskflow.types import notifier as tf_notifier
 from taskflow.utils import misc as tf_misc
 
-from migrateflow import lifecycle, persistence
+from migrateflow import lifecycle
+from migrateflow.serial_runtime import Runtime, chain_of
+from migrateflow.serial_storage import Storage
 
 LOG = logging.getLogger(__name__)
-
-class OneLock:
-    """TaskFlow's storage reader-writer lock as one reentrant lock.
-
-    A serial engine's storage is used by the thread running it (and rarely
-    by a reader elsewhere); fasteners' reader-writer lock costs a condition
-    variable round per call, and the engine makes a couple of thousand
-    such calls per flow.  Readers now exclude each other too: stricter,
-    never looser.
-    """
-
-    __slots__ = ("_lock",)
-
-    def __init__(self):
-        self._lock = threading.RLock()
-
-    def read_lock(self):
-        return self._lock
-
-    write_lock = read_lock
-
-
-#: the progress TaskFlow's task action sets right after it persisted a
-#: task's state (running or reverting: 0.0, done: 1.0; reset: 0.0)
-_PROGRESS_AFTER = {tf_states.RUNNING: 0.0, tf_states.REVERTING: 0.0,
-                   tf_states.SUCCESS: 1.0, tf_states.REVERTED: 1.0,
-                   tf_states.PENDING: 0.0, tf_states.IGNORE: 0.0}
-
-
-class Storage(tf_storage.Storage):
-    """TaskFlow storage whose state writes carry the engine's progress marks.
-
-    The engine persists a task's state, then its progress (0.0 when it
-    starts, 1.0 when done): two writes per transition, the second of which
-    no resume reads.  Here the state's write carries the progress that
-    follows it, and the engine's own progress update is kept in memory
-    (any difference reaches the database with the atom's or the flow's next
-    write).  Progress a task reports itself (with details) is written at
-    once, as before.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._lock = OneLock()
-        self._unsaved = set()  # atoms whose metadata changed since their last write
-
-    # TaskFlow's own retry policy for a failed save (three attempts, five
-    # seconds apart), without building a tenacity controller per save
-    @staticmethod
-    def _saving(save):
-        for attempt in range(1, tf_storage.RETRY_ATTEMPTS + 1):
-            try:
-                return save()
-            except tf_exc.StorageFailure:
-                if attempt == tf_storage.RETRY_ATTEMPTS:
-                    raise
-                lifecycle.sleep(tf_storage.RETRY_WAIT_TIMEOUT)
-
-    def _save_atom_detail(self, conn, original_atom_detail, atom_detail):
-        saved = self._saving(lambda: original_atom_detail.update(
-            conn.update_atom_details(atom_detail)))
-        self._unsaved.discard(original_atom_detail.name)
-        return saved
-
-    def _save_flow_detail(self, conn, original_flow_detail, flow_detail):
-        saved = self._saving(lambda: original_flow_detail.update(
-            conn.update_flow_details(flow_detail)))
-        self._unsaved.clear()
-        return saved
-
-    def set_flow_state(self, state):
-        """A flow's state change writes its own row only when every atom is
-        stored as held here (TaskFlow's way reads and compares them all)."""
-        with self._lock.write_lock():
-            if self._unsaved or not isinstance(self._backend, persistence.SQLBackend):
-                return super().set_flow_state(state)
-            source = self._flowdetail
-            clone = source.copy(retain_contents=False)
-            clone.state = state
-            self._with_connection(lambda conn: self._saving(
-                lambda: conn.update_flow_row(clone)))
-            source.state = state
-            return None
-
-    def _progress_for(self, atom_name, state):
-        """Put the progress the engine sets right after persisting
-        ``state`` in the atom's metadata now, so that write carries it."""
-        progress = _PROGRESS_AFTER.get(state)
-        uuid = self._atom_name_to_uuid.get(atom_name)
-        if progress is not None and uuid is not None:
-            source = self._flowdetail.find(uuid)
-            if isinstance(source, tf_models.TaskDetail) and \
-                    source.meta.get(tf_storage.META_PROGRESS) != progress:
-                source.meta[tf_storage.META_PROGRESS] = progress
-                self._unsaved.add(atom_name)  # until the write below succeeded
-
-    def set_atom_state(self, atom_name, state):
-        with self._lock.write_lock():
-            self._progress_for(atom_name, state)
-            return super().set_atom_state(atom_name, state)
-
-    def save(self, atom_name, result, state=tf_states.SUCCESS):
-        with self._lock.write_lock():
-            self._progress_for(atom_name, state)
-            return super().save(atom_name, result, state=state)
-
-    def set_task_progress(self, task_name, progress, details=None):
-        if details is not None:
-            return super().set_task_progress(task_name, progress, details=details)
-        with self._lock.write_lock():
-            source, _ = self._atomdetail_by_name(task_name,
-                                                 expected_type=tf_models.TaskDetail)
-            if source.meta.get(tf_storage.META_PROGRESS) != progress:
-                source.meta[tf_storage.META_PROGRESS] = progress
-                self._unsaved.add(task_name)
-        return None
-
 
 _compiled = threading.local()  # this thread's flows and their compilation
 _generation = [0]  # flows built before the last reset() are built again
 _validated = weakref.WeakKeyDictionary()  # compilation -> store key sets it passed with
-
-
-_DONE_STATES = frozenset((tf_states.SUCCESS, tf_states.IGNORE))
-_DONE_INTENTIONS = frozenset((tf_states.EXECUTE, tf_states.IGNORE))
-
-
-class Selector(tf_selector.Selector):
-    """TaskFlow's selector, whose walk forward from a finished atom does not
-    go past an atom that is not done (succeeded or ignored): an atom is
-    ready only when every atom before it is done, so what lies beyond one
-    that is not cannot be ready.  It finds the atoms TaskFlow's full walk
-    finds, in the same order, visiting those of the next steps only (the
-    full walk checks every later atom of the flow after each one)."""
-
-    def _browse_atoms_for_execute(self, atom=None):
-        if atom is None:
-            yield from super()._browse_atoms_for_execute()
-            return
-        graph, storage = self._execution_graph, self._storage
-        queue, seen = collections.deque(graph.successors(atom)), set()
-        while queue:
-            node = queue.popleft()
-            if node in seen:
-                continue
-            seen.add(node)
-            if graph.nodes[node].get("noop"):  # a flow's start or end
-                queue.extend(graph.successors(node))
-                continue
-            is_ready, late_decider = self._get_maybe_ready_for_execute(node)
-            if is_ready:
-                yield node, late_decider
-                continue
-            state, intention = storage.get_atoms_states([node.name])[node.name]
-            if state in _DONE_STATES and intention in _DONE_INTENTIONS:
-                queue.extend(graph.successors(node))
-
-
-#: compilation -> {atom name: (kind, scope walker, edge deciders)}: what a
-#: runtime keeps per atom that depends on the compilation alone
-_atom_parts = weakref.WeakKeyDictionary()
-
-
-class Runtime(tf_runtime.Runtime):
-    """TaskFlow's runtime with :class:`Selector`, whose per-atom parts that
-    depend on the compilation alone are made once per compilation and
-    shared by the runtimes of every engine reusing it (``compiled_flow``):
-    a scope walker remembers the scopes it walked (each argument lookup
-    walks them), and finding an atom's place in the hierarchy and its
-    edge deciders is done once, not per run."""
-
-    @tf_misc.cachedproperty
-    def selector(self):
-        return Selector(self)
-
-    def compile(self):
-        parts = _atom_parts.get(self._compilation)
-        if parts is None:
-            parts = _atom_parts[self._compilation] = self._atom_parts()
-        handlers = {
-            tf_compiler.TASK: (functools.partial(self.task_action.change_state, progress=0.0),
-                               self.task_scheduler, tf_states.check_task_transition,
-                               self.task_action),
-            tf_compiler.RETRY: (self.retry_action.change_state, self.retry_scheduler,
-                                tf_states.check_retry_transition, self.retry_action),
-        }
-        for name, (kind, walker, deciders) in parts.items():
-            change_state, scheduler, check_transition, action = handlers[kind]
-            self._atom_cache[name] = {
-                "scope_walker": walker, "edge_deciders": deciders, "action": action,
-                "change_state_handler": change_state, "scheduler": scheduler,
-                "check_transition_handler": check_transition}
-
-    def _atom_parts(self):
-        graph, parts = self._compilation.execution_graph, {}
-        for node, attrs in graph.nodes(data=True):
-            kind = attrs["kind"]
-            if kind in tf_compiler.FLOWS:
-                continue
-            if kind not in tf_compiler.ATOMS:
-                raise tf_exc.CompilationFailure(f"Unknown node kind '{kind}' encountered")
-            parts[node.name] = (kind, tf_scopes.ScopeWalker(self._compilation, node,
-                                                            names_only=True),
-                                tuple(self._walk_edge_deciders(graph, node)))
-        return parts
-
-
-_chains = weakref.WeakKeyDictionary()  # compilation -> its atoms in order, or None
-
-
-def chain_of(compilation):
-    """The atoms of ``compilation`` in the order they run when they form
-    one chain (each node of the execution graph has at most one
-    predecessor and one successor, and no link has a decider), else None."""
-    try:
-        return _chains[compilation]
-    except KeyError:
-        pass
-    graph, chain = compilation.execution_graph, None
-    if all(degree <= 1 for _, degree in graph.in_degree()) and \
-            all(degree <= 1 for _, degree in graph.out_degree()) and \
-            not any(tf_flow.LINK_DECIDER in attrs for _, _, attrs in graph.edges(data=True)):
-        chain = tuple(node for node in graph.topological_sort()
-                      if graph.nodes[node]["kind"] in tf_compiler.ATOMS)
-    _chains[compilation] = chain
-    return chain
 
 
 class Engine(tf_engine.SerialActionEngine):

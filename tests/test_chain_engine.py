@@ -18,7 +18,7 @@ from taskflow.persistence.backends import impl_memory
 from taskflow.types import notifier as tf_notifier
 
 import chain_flows
-from migrateflow import lifecycle, serial_engine
+from migrateflow import lifecycle, serial_engine, serial_runtime
 
 STORE = {"seed": 1, "candidates": ["h1", "h2", "h3"]}
 
@@ -132,14 +132,14 @@ def test_chain_runs_as_taskflows_machine(case, machine_runs):
 
 def test_only_a_chain_of_atoms_runs_without_the_machine():
     _flow, compilation, _key = serial_engine.compiled_flow(chain_flows.build, ())
-    assert [atom.name for atom in serial_engine.chain_of(compilation)] == [
+    assert [atom.name for atom in serial_runtime.chain_of(compilation)] == [
         "a", "b", "choose-retry", "c", "d", "e", "f"]
     side_by_side = unordered_flow.Flow("u").add(chain_flows.Step(name="x"),
                                                 chain_flows.Step(name="y"))
     x, y = chain_flows.Step(name="x"), chain_flows.Step(name="y")
     decided = graph_flow.Flow("g").add(x, y).link(x, y, decider=lambda history: True)
     for flow in (side_by_side, decided):
-        assert serial_engine.chain_of(tf_compiler.PatternCompiler(flow).compile()) is None
+        assert serial_runtime.chain_of(tf_compiler.PatternCompiler(flow).compile()) is None
 
 
 def test_runs_reusing_a_flow_share_its_scope_walkers():

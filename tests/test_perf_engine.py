@@ -18,7 +18,7 @@ from taskflow.engines.action_engine import selector as tf_selector
 from taskflow.patterns import graph_flow, linear_flow
 from taskflow.persistence import models as tf_models
 
-from migrateflow import api, engine, persistence, serial_engine
+from migrateflow import api, engine, persistence, serial_engine, serial_runtime
 from migrateflow.db import sqlite as db_sqlite
 from migrateflow.flows import confirm_resize, evacuation, live_migration, resize, revert_resize
 
@@ -231,7 +231,7 @@ def test_selector_finds_what_taskflows_full_walk_finds(factory):
     eng = taskflow.engines.load(factory(), store={}, engine="serial")
     eng.compile()
     runtime, storage = eng._runtime, eng.storage
-    ours, stock = serial_engine.Selector(runtime), tf_selector.Selector(runtime)
+    ours, stock = serial_runtime.Selector(runtime), tf_selector.Selector(runtime)
     atoms = list(runtime.iterate_nodes(tf_compiler.ATOMS))
     storage.ensure_atoms(atoms)
 
