@@ -55,35 +55,43 @@ class MigrationRecords:
         """
         now = _now()
         migration_uuid = str(uuidlib.uuid4())
+        record = dict(
+            uuid=migration_uuid, instance_uuid=instance_uuid,
+            migration_type=migration_type, status=status, source_host=source_host,
+            dest_host=dest_host, requested_dest=requested_dest,
+            block_migration=block_migration, memory_total_mb=memory_total_mb,
+            memory_processed_mb=0, memory_remaining_mb=memory_total_mb,
+            disk_total_gb=disk_total_gb, disk_processed_gb=0, disk_remaining_gb=0,
+            dirty_rate_mbps=0.0, iteration=0, post_copy=False,
+            scheduler_notes=json.dumps(scheduler_notes or {}),
+            abort_requested=False, force_complete_requested=False,
+            old_flavor=json.dumps(old_flavor) if old_flavor else None,
+            new_flavor=json.dumps(new_flavor) if new_flavor else None,
+            source_held=False, source_cleaned=False,
+            created_at=now, updated_at=now)
+        raw = None if quota else self._raw_instance_writer()
+        if raw is not None:  # the same, straight on SQLite
+            with raw as db:
+                if db.execute("UPDATE instances SET task_state = ?, updated_at = ? WHERE "
+                              "uuid = ? AND task_state IS NULL AND host = ?",
+                              (task_state, now, instance_uuid, source_host)).rowcount != 1:
+                    found = db.execute("SELECT task_state, host FROM instances WHERE uuid = ?",
+                                       (instance_uuid,)).fetchone()
+                    _refuse_claim(instance_uuid, source_host, *(found or (None, None)),
+                                  found is not None)
+                db.execute(f"INSERT INTO migrations ({', '.join(record)}) VALUES "
+                           f"({', '.join('?' * len(record))})", tuple(record.values()))
+            return self.get_migration(migration_uuid)
         with self._writer() as conn:
             res = conn.execute(_CLAIM_INSTANCE, {"b_uuid": instance_uuid, "b_host": source_host,
                                                  "task_state": task_state, "updated_at": now})
             if res.rowcount != 1:
                 row = conn.execute(SELECT_INSTANCE, {"key": instance_uuid}).first()
-                if row is None:
-                    raise exc.InstanceNotFound(instance_uuid)
-                if row.task_state is not None:
-                    raise exc.InstanceBusy(
-                        f"instance {instance_uuid} is busy: task_state is "
-                        f"{row.task_state!r}; wait for that operation to end")
-                raise exc.InstanceInvalidState(
-                    f"instance {instance_uuid} is on host {row.host!r}, not {source_host!r}")
+                _refuse_claim(instance_uuid, source_host, row and row.task_state,
+                              row and row.host, row is not None)
             if quota:
                 self._reserve_quota(conn, migration_uuid, **quota)
-            conn.execute(_INS_MIGRATION, dict(
-                uuid=migration_uuid, instance_uuid=instance_uuid,
-                migration_type=migration_type, status=status, source_host=source_host,
-                dest_host=dest_host, requested_dest=requested_dest,
-                block_migration=block_migration, memory_total_mb=memory_total_mb,
-                memory_processed_mb=0, memory_remaining_mb=memory_total_mb,
-                disk_total_gb=disk_total_gb, disk_processed_gb=0, disk_remaining_gb=0,
-                dirty_rate_mbps=0.0, iteration=0, post_copy=False,
-                scheduler_notes=json.dumps(scheduler_notes or {}),
-                abort_requested=False, force_complete_requested=False,
-                old_flavor=json.dumps(old_flavor) if old_flavor else None,
-                new_flavor=json.dumps(new_flavor) if new_flavor else None,
-                source_held=False, source_cleaned=False,
-                created_at=now, updated_at=now))
+            conn.execute(_INS_MIGRATION, record)
         return self.get_migration(migration_uuid)
 
     @_retry
@@ -284,6 +292,17 @@ class MigrationRecords:
                 self._release(conn, dest, -inst.memory_mb, -inst.vcpus, -local_disk)
             self._release(conn, source, inst.memory_mb, inst.vcpus, local_disk)
         return True
+
+
+def _refuse_claim(instance_uuid, source_host, task_state, host, found):
+    """Why the instance could not be claimed for a migration from ``source_host``."""
+    if not found:
+        raise exc.InstanceNotFound(instance_uuid)
+    if task_state is not None:
+        raise exc.InstanceBusy(f"instance {instance_uuid} is busy: task_state is "
+                               f"{task_state!r}; wait for that operation to end")
+    raise exc.InstanceInvalidState(
+        f"instance {instance_uuid} is on host {host!r}, not {source_host!r}")
 
 
 def _decode(mig):

@@ -42,6 +42,9 @@ def _scenario(db):
 
     mig = db.start_migration(INSTANCE, migration_type="live-migration",
                              task_state="migrating", source_host="h1")["uuid"]
+    start = dict(migration_type="live-migration", task_state="migrating", source_host="h1")
+    call("start_migration", INSTANCE, **start)  # busy: the first holds it
+    call("start_migration", "no-such-instance", **start)
     inst = db.get_instance(INSTANCE)
     ports = [p["id"] for p in db.list_ports(INSTANCE)]
     said.append(("list_ports", [(p["network_id"], p["mac"] is not None)
@@ -70,6 +73,7 @@ def _scenario(db):
     call("finish_migration", mig, INSTANCE, "completed", ["queued"], error=None,
          instance_values={"vm_state": "active"})
     call("finish_migration", mig, INSTANCE, "error", ["queued"])
+    call("start_migration", INSTANCE, **start)  # on h2 now
     said.append(("list_hosts", [{k: v for k, v in h.items() if k not in _TIMES}
                                 for h in db.list_hosts()]))
     return said, {mig: "MIG", **{port: f"PORT-{i}" for i, port in enumerate(ports)}}
@@ -126,6 +130,8 @@ def test_raw_statements_do_what_sqlalchemys_do(two_copies, monkeypatch):
     assert said["finish_migration"] == (False,)  # already completed
     assert ("claim_resources", "InsufficientResources") in [e[:2] for e in raw_said]
     assert ("claim_resources", "HostNotFound") in [e[:2] for e in raw_said]
+    assert [e[1] for e in raw_said if e[0] == "start_migration"] == [
+        "InstanceBusy", "InstanceNotFound", "InstanceInvalidState"]
 
 
 def test_instance_changes_go_through_sqlalchemy_while_announced(two_copies, monkeypatch):
