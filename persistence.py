@@ -97,6 +97,28 @@ def _now():
     return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
 
 
+def _save_new_book(engine, book):
+    """Store a new logbook, its flows and their atoms in one transaction
+    straight on SQLite (as the atoms' updates); False, with nothing done,
+    when the book is stored already (merged through SQLAlchemy then)."""
+    now = _now().isoformat(" ", "microseconds")  # as SQLAlchemy's SQLite DateTime
+    with sqlite.raw_transaction(engine) as db:
+        if db.execute("SELECT 1 FROM tf_logbooks WHERE uuid = ?", (book.uuid,)).fetchone():
+            return False
+        db.execute("INSERT INTO tf_logbooks (uuid, name, updated_at, data) VALUES (?, ?, ?, ?)",
+                   (book.uuid, book.name, now, _encode(book.to_dict(marshal_time=True))))
+        for fd in book:
+            db.execute("INSERT INTO tf_flowdetails (uuid, name, parent_uuid, state, updated_at, "
+                       "data) VALUES (?, ?, ?, ?, ?, ?)",
+                       (fd.uuid, fd.name, book.uuid, fd.state, now, _encode(fd.to_dict())))
+            db.executemany(
+                "INSERT INTO tf_atomdetails (uuid, name, parent_uuid, state, atom_type, "
+                "updated_at, data) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(ad.uuid, ad.name, fd.uuid, ad.state, models.atom_detail_type(ad), now,
+                  _encode(ad.to_dict())) for ad in fd])
+    return True
+
+
 def _atom_from(atom_type, data):
     data = json.loads(data)
     if atom_type != "RETRY_DETAIL":
@@ -151,9 +173,9 @@ class SQLBackend(base.Backend):
         self._upgrade_lock = threading.Lock()
         # every atom update runs this pre-rendered SQL: skipping the statement
         # cache lookup halves SQLAlchemy's cost of the statement
-        compiled = _UPD_AD.compile(dialect=engine.dialect)
-        self._upd_ad = (compiled.string, compiled.positiontup,
-                        engine.dialect.name == "sqlite")
+        self._upd_ad, self._upd_fd = (
+            (compiled.string, compiled.positiontup, engine.dialect.name == "sqlite")
+            for compiled in (stmt.compile(dialect=engine.dialect) for stmt in (_UPD_AD, _UPD_FD)))
 
     @classmethod
     def from_url(cls, url, sqlite_synchronous="NORMAL", **engine_kwargs):
@@ -313,14 +335,21 @@ class Connection(base.Connection):
         """Write the flow's own row only (its state and metadata): for a
         caller that knows each of its atoms is stored as it holds it.  Not
         part of TaskFlow's connection API (see ``serial_storage.Storage``)."""
-        fd = flow_detail
-        row = {"state": fd.state, "data": _encode(fd.to_dict()),
-               "updated_at": _now(), "b_uuid": fd.uuid}
+        fd, (sql, order, on_sqlite) = flow_detail, self._backend._upd_fd
+        now = _now()
+        row = {"state": fd.state, "data": _encode(fd.to_dict()), "updated_at": now,
+               "b_uuid": fd.uuid}
+        what = "updating flow details '%s'" % fd.uuid
+        if on_sqlite and self._retrying(what, lambda: sqlite.execute_raw(
+                self._backend._engine, sql,
+                tuple(row[k] if k != "updated_at" else now.isoformat(" ", "microseconds")
+                      for k in order), write=True)):
+            return  # as the atoms' updates: straight on SQLite
 
-        def update(conn):
+        def update(conn):  # elsewhere, or nothing updated: say why
             if not conn.execute(_UPD_FD, row).rowcount:
                 raise exc.NotFound("No flow details found with uuid '%s'" % fd.uuid)
-        self._run(True, "updating flow details '%s'" % fd.uuid, update)
+        self._run(True, what, update)
 
     def update_flow_details(self, flow_detail, ignore_missing=False):
         return self._run(True, "updating flow details '%s'" % flow_detail.uuid,
@@ -328,6 +357,11 @@ class Connection(base.Connection):
                          not ignore_missing)
 
     def save_logbook(self, book):
+        engine = self._backend._engine
+        if self._backend._upd_ad[2] and sqlite.raw_capable(engine) and self._retrying(
+                "saving logbook '%s'" % book.uuid, lambda: _save_new_book(engine, book)):
+            return book  # a new book (every flow's), straight on SQLite
+
         def save(conn):
             now = _now()
             row = conn.execute(_SEL_LB, {"u": book.uuid}).first()

@@ -7,6 +7,7 @@ import multiprocessing
 import sqlite3
 import threading
 
+import pytest
 import sqlalchemy as sa
 
 from migrateflow.db import sqlite as db_sqlite
@@ -132,3 +133,43 @@ def test_only_a_tuned_file_database_is_raw_capable(tmp_path):
     assert not db_sqlite.raw_capable(db_sqlite.tune_sqlite_engine(sa.create_engine("sqlite://")))
     assert not db_sqlite.raw_capable(sa.create_engine(f"sqlite:///{tmp_path / 'plain.sqlite'}"))
     assert not db_sqlite.raw_capable(_engine(tmp_path, synchronous=None))
+
+
+def test_a_new_logbook_and_flow_rows_are_written_straight_on_sqlite(tmp_path, monkeypatch):
+    """Every new flow's logbook (one transaction: book, flows, atoms) and
+    its flow-state changes run raw on a SQLite file; a book stored already
+    is merged through SQLAlchemy; what either writes reads back the same."""
+    from taskflow import exceptions as tf_exc
+    from taskflow import states
+    from taskflow.persistence import models
+
+    from migrateflow import persistence
+
+    backend = persistence.SQLBackend.from_url(f"sqlite:///{tmp_path / 'flows.sqlite'}")
+    conn = backend.get_connection()
+    conn.upgrade()
+    raw = []
+    real = db_sqlite.raw_transaction
+    monkeypatch.setattr(db_sqlite, "raw_transaction", lambda e: raw.append(1) or real(e))
+    book = models.LogBook("book")
+    flow = models.FlowDetail("flow", uuid="f-1")
+    flow.add(models.TaskDetail("task", uuid="t-1"))
+    flow.add(models.RetryDetail("retry", uuid="r-1"))
+    book.add(flow)
+    assert conn.save_logbook(book) is book and raw == [1]
+    flow.state = states.RUNNING
+    conn.update_flow_row(flow)
+    got = conn.get_logbook(book.uuid)
+    assert got.find("f-1").state == states.RUNNING
+    assert {ad.uuid: type(ad) for ad in got.find("f-1")} == {
+        "t-1": models.TaskDetail, "r-1": models.RetryDetail}
+    with pytest.raises(tf_exc.NotFound):
+        conn.update_flow_row(models.FlowDetail("other", uuid="f-2"))
+    book.add(models.FlowDetail("second", uuid="f-3"))
+    conn.save_logbook(book)  # stored already: merged by SQLAlchemy
+    assert raw == [1, 1]
+    assert {fd.uuid for fd in conn.get_logbook(book.uuid)} == {"f-1", "f-3"}
+    with backend.engine.connect() as sa_conn:  # SQLAlchemy reads the raw rows' times
+        times = sa_conn.execute(sa.select(persistence.FLOWDETAILS.c.updated_at)).scalars().all()
+    assert len(times) == 2 and all(t.year >= 2026 for t in times)
+    backend.close()
