@@ -6,9 +6,10 @@ Replaces ``taskflow.persistence.backends.impl_sqlalchemy``, which builds new
 of its ``to_dict()`` beside a few indexed columns, with statements built once.
 An atom update is one ``UPDATE`` (TaskFlow's atom merge replaces every field,
 so nothing needs reading); a flow update reads its atoms' JSON once and writes
-only new or changed rows.  SQLite: see :func:`tune_sqlite_engine`.
+only new or changed rows; a new logbook, and the flow's and atoms' updates, go
+straight to SQLite on a SQLite file.  SQLite: see :func:`tune_sqlite_engine`.
+The tables and statements are ``persistence_schema``'s.
 """
-import datetime
 import json
 import random
 import sqlite3
@@ -16,19 +17,30 @@ import threading
 import time
 
 import sqlalchemy as sa
-from oslo_serialization import jsonutils
-from sqlalchemy import bindparam as _bp
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import pool as sa_pool
-from sqlalchemy.dialects import mysql
 from taskflow import exceptions as exc
 from taskflow.persistence import base
 from taskflow.persistence import models
-from taskflow.types import failure as ft
 
 from migrateflow import lifecycle
 from migrateflow.db import sqlite
 from migrateflow.db.sqlite import SQLITE_BEGIN_OPTION, tune_sqlite_engine  # noqa: F401
+# the tables and create_schema are this module's API too
+from migrateflow.persistence_schema import (  # noqa: F401
+    ATOMDETAILS, FLOWDETAILS, LOGBOOKS, METADATA, create_schema)
+from migrateflow.persistence_schema import AD as _AD, FD as _FD, LB as _LB
+from migrateflow.persistence_schema import DEL_BOOK as _DEL_BOOK
+from migrateflow.persistence_schema import INS_AD as _INS_AD, INS_FD as _INS_FD, INS_LB as _INS_LB
+from migrateflow.persistence_schema import SEL_AD as _SEL_AD, SEL_ADS as _SEL_ADS
+from migrateflow.persistence_schema import SEL_AD_BY_FD as _SEL_AD_BY_FD
+from migrateflow.persistence_schema import SEL_AD_BY_LB as _SEL_AD_BY_LB
+from migrateflow.persistence_schema import SEL_FD as _SEL_FD, SEL_FDS as _SEL_FDS
+from migrateflow.persistence_schema import SEL_FD_BY_LB as _SEL_FD_BY_LB, SEL_LB as _SEL_LB
+from migrateflow.persistence_schema import UPD_AD as _UPD_AD, UPD_FD as _UPD_FD
+from migrateflow.persistence_schema import UPD_LB as _UPD_LB
+from migrateflow.persistence_schema import atom_from as _atom_from, book_from as _book_from
+from migrateflow.persistence_schema import encode as _encode, now as _now
 
 try:
     from oslo_db import exception as _db_exc
@@ -36,65 +48,8 @@ try:
 except ImportError:  # pragma: no cover - oslo.db is a dependency
     _db_exc, _DB_ERRORS = None, (sa_exc.SQLAlchemyError, sqlite3.Error)
 
-_JSON = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
-METADATA = sa.MetaData()
-
-
-def _table(name, parent, *columns):
-    if parent:  # children are deleted explicitly too (SQLite FKs may be off)
-        columns = (sa.Column("parent_uuid", sa.String(64), sa.ForeignKey(
-            parent + ".uuid", ondelete="CASCADE"), index=True),) + columns
-    return sa.Table(
-        name, METADATA, sa.Column("uuid", sa.String(64), primary_key=True),
-        sa.Column("name", sa.String(255)), *columns,
-        sa.Column("updated_at", sa.DateTime),
-        sa.Column("data", _JSON, nullable=False))
-
-
-LOGBOOKS = _LB = _table("tf_logbooks", None)
-FLOWDETAILS = _FD = _table("tf_flowdetails", "tf_logbooks",
-                           sa.Column("state", sa.String(255), index=True))
-ATOMDETAILS = _AD = _table(
-    "tf_atomdetails", "tf_flowdetails", sa.Column("state", sa.String(255)),
-    sa.Column("atom_type", sa.String(32), nullable=False))
-
-_INS_LB, _INS_FD, _INS_AD = sa.insert(_LB), sa.insert(_FD), sa.insert(_AD)
-_SET = dict(data=_bp("data"), updated_at=_bp("updated_at"))
-_UPD_LB = sa.update(_LB).where(_LB.c.uuid == _bp("b_uuid")).values(**_SET)
-_UPD_FD = sa.update(_FD).where(_FD.c.uuid == _bp("b_uuid")).values(
-    state=_bp("state"), **_SET)
-_UPD_AD = sa.update(_AD).where(
-    _AD.c.uuid == _bp("b_uuid"), _AD.c.atom_type == _bp("b_type")).values(
-    state=_bp("state"), **_SET)
-_SEL_LB = sa.select(_LB.c.data).where(_LB.c.uuid == _bp("u"))
-_FD_COLS = (_FD.c.parent_uuid, _FD.c.data)
-_SEL_FDS = sa.select(*_FD_COLS)
-_SEL_FD = sa.select(*_FD_COLS).where(_FD.c.uuid == _bp("u"))
-_SEL_FD_BY_LB = sa.select(*_FD_COLS).where(_FD.c.parent_uuid == _bp("u"))
-_AD_COLS = (_AD.c.uuid, _AD.c.parent_uuid, _AD.c.atom_type, _AD.c.data)
-_SEL_ADS = sa.select(*_AD_COLS)
-_SEL_AD = sa.select(*_AD_COLS).where(_AD.c.uuid == _bp("u"))
-_SEL_AD_BY_FD = sa.select(*_AD_COLS).where(_AD.c.parent_uuid == _bp("u"))
-_SEL_AD_BY_LB = sa.select(*_AD_COLS).join(
-    _FD, _FD.c.uuid == _AD.c.parent_uuid).where(_FD.c.parent_uuid == _bp("u"))
-_FD_OF_LB = sa.select(_FD.c.uuid).where(_FD.c.parent_uuid == _bp("u"))
-_DEL_BOOK = (sa.delete(_AD).where(_AD.c.parent_uuid.in_(_FD_OF_LB)),
-             sa.delete(_FD).where(_FD.c.parent_uuid == _bp("u")),
-             sa.delete(_LB).where(_LB.c.uuid == _bp("u")))
-
-_encode = json.JSONEncoder(default=jsonutils.to_primitive,
-                           separators=(",", ":")).encode
 _RETRY_MARKERS = ("database is locked", "database table is locked", "deadlock",
                   "lock wait timeout", "could not serialize")
-
-
-def create_schema(engine):
-    """Create the ``tf_*`` tables (tests, benchmarks; production uses alembic)."""
-    METADATA.create_all(engine)
-
-
-def _now():
-    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
 
 
 def _save_new_book(engine, book):
@@ -117,23 +72,6 @@ def _save_new_book(engine, book):
                 [(ad.uuid, ad.name, fd.uuid, ad.state, models.atom_detail_type(ad), now,
                   _encode(ad.to_dict())) for ad in fd])
     return True
-
-
-def _atom_from(atom_type, data):
-    data = json.loads(data)
-    if atom_type != "RETRY_DETAIL":
-        return models.atom_detail_class(atom_type).from_dict(data)
-    # RetryDetail.from_dict (taskflow 6.5) replaces the value of each result
-    # that has failures by a failure dict (its inner loop reuses ``data``)
-    results = data.pop("results", None) or ()
-    ad = models.RetryDetail.from_dict(data)
-    ad.results = [(value, {k: ft.Failure.from_dict(f) for k, f in
-                           failures.items()}) for value, failures in results]
-    return ad
-
-
-def _book_from(data):
-    return models.LogBook.from_dict(json.loads(data), unmarshal_time=True)
 
 
 def _one(conn, stmt, uuid, kind):
