@@ -18,7 +18,7 @@ from migrateflow.db import engine as db_engine
 from migrateflow.db import sqlite
 from migrateflow.db import models as m
 from migrateflow.db import observe
-from migrateflow.db.common import now as _now, retry as _retry, row as _row
+from migrateflow.db.common import now as _now, raw_update, retry as _retry, row as _row
 
 _SEL_HOST = m.hosts.select().where(m.hosts.c.name == sa.bindparam("key"))
 _raw_selects = {}
@@ -51,15 +51,27 @@ def _columns(table):
     return frozenset(table.c.keys())
 
 
-def _raw_select(table, column):
-    """(SQLite SELECT of a row by ``column``, column names, Boolean columns)."""
-    key = (table.name, column)
+def _raw_select(table, where, order=None):
+    """(SQLite SELECT of ``table``'s rows matching ``where`` [by
+    ``order``], column names, Boolean columns), made once."""
+    key = (table.name, where, order)
     found = _raw_selects.get(key)
     if found is None:
         names = [c.name for c in table.columns]
+        sql = f"SELECT {', '.join(names)} FROM {table.name} WHERE {where}"
         found = _raw_selects[key] = (
-            f"SELECT {', '.join(names)} FROM {table.name} WHERE {column} = ?", names,
+            sql + (f" ORDER BY {order}" if order else ""), names,
             [c.name for c in table.columns if isinstance(c.type, sa.Boolean)])
+    return found
+
+
+def _raw_dicts(rows, names, booleans):
+    """SQLite's rows as dicts, the Boolean columns as bool."""
+    found = [dict(zip(names, row)) for row in rows]
+    for row in found:
+        for name in booleans:
+            if row[name] is not None:
+                row[name] = bool(row[name])
     return found
 
 
@@ -113,15 +125,9 @@ class StateDB(moves.MigrationRecords, resizes.ResizeRecords, attachments.Attachm
         dict (None if none); ``query`` selects it elsewhere (bind "key")."""
         if not self._raw_sqlite():
             return _row(self._fetch_one(query, {"key": value}))
-        sql, names, booleans = _raw_select(table, column)
-        rows = sqlite.execute_raw(self.engine, sql, (value,))
-        if not rows:
-            return None
-        found = dict(zip(names, rows[0]))
-        for name in booleans:
-            if found[name] is not None:
-                found[name] = bool(found[name])
-        return found
+        sql, names, booleans = _raw_select(table, f"{column} = ?")
+        found = _raw_dicts(sqlite.execute_raw(self.engine, sql, (value,)), names, booleans)
+        return found[0] if found else None
 
     def _raw_writer(self):
         """A write transaction straight on this thread's own sqlite3
@@ -147,20 +153,8 @@ class StateDB(moves.MigrationRecords, resizes.ResizeRecords, attachments.Attachm
         a SQLite file; None elsewhere (the caller uses SQLAlchemy)."""
         if not (self._raw_sqlite() and sqlite.raw_capable(self.engine)):
             return None
-        key = (table.name, where, order)
-        found = _raw_selects.get(key)
-        if found is None:
-            names = [c.name for c in table.columns]
-            found = _raw_selects[key] = (
-                f"SELECT {', '.join(names)} FROM {table.name} WHERE {where} ORDER BY {order}",
-                names, [c.name for c in table.columns if isinstance(c.type, sa.Boolean)])
-        sql, names, booleans = found
-        rows = [dict(zip(names, row)) for row in sqlite.execute_raw(self.engine, sql, params)]
-        for row in rows:
-            for name in booleans:
-                if row[name] is not None:
-                    row[name] = bool(row[name])
-        return rows
+        sql, names, booleans = _raw_select(table, where, order)
+        return _raw_dicts(sqlite.execute_raw(self.engine, sql, params), names, booleans)
 
     def _raw_update(self, table, key_column, key, values, column=None, among=None):
         """UPDATE ``table`` SET ``values`` WHERE ``key_column`` = ``key``
@@ -168,14 +162,8 @@ class StateDB(moves.MigrationRecords, resizes.ResizeRecords, attachments.Attachm
         it must go through SQLAlchemy (another database, an unknown column)."""
         if not self._raw_sqlite() or not set(values) <= _columns(table):
             return None
-        names = list(values)
-        sql = (f"UPDATE {table.name} SET {', '.join(n + ' = ?' for n in names)} "
-               f"WHERE {key_column} = ?")
-        params = [values[n] for n in names] + [key]
-        if column is not None:
-            sql += f" AND {column} IN ({', '.join('?' * len(among))})"
-            params += list(among)
-        return sqlite.execute_raw(self.engine, sql, params, write=True)
+        return sqlite.execute_raw(self.engine, *raw_update(
+            table.name, key_column, key, values, column, list(among or ())), write=True)
 
     def _fetch_all(self, query, params=None):
         with self._reader() as conn:

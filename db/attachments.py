@@ -35,12 +35,15 @@ _RAW_INS_CONNECTION = ("INSERT INTO volume_connections (volume_id, instance_uuid
                        "VALUES (?, ?, ?, ?, ?, ?, ?)")
 
 
-def _raw_found(db, column, table, host, keys):
-    """Which of ``keys`` (``column``) ``table`` holds on ``host``."""
+def _raw_add_missing(db, table, column, host, keys, insert, row_of):
+    """Insert ``row_of(key)`` (``insert``) for each of ``keys`` (``column``)
+    that ``table`` does not hold on ``host`` yet; how many were inserted."""
     marks = ", ".join("?" * len(keys))
-    return {row[0] for row in db.execute(
+    existing = {row[0] for row in db.execute(
         f"SELECT {column} FROM {table} WHERE host = ? AND {column} IN ({marks})",
         (host, *keys))}
+    db.executemany(insert, [row_of(key) for key in keys if key not in existing])
+    return len(set(keys) - existing)
 
 
 def _connection_info(volume_id, host):
@@ -74,14 +77,12 @@ class Attachments:
         raw = self._raw_writer()
         if raw is not None:  # the same, straight on SQLite
             with raw as db:
-                existing = _raw_found(db, "port_id", "port_bindings", host, port_ids)
-                db.executemany(_RAW_INS_BINDING, [
-                    (port_id, host, status, migration_uuid, now, now)
-                    for port_id in port_ids if port_id not in existing])
-            return len(set(port_ids) - existing)
+                return _raw_add_missing(
+                    db, "port_bindings", "port_id", host, port_ids, _RAW_INS_BINDING,
+                    lambda port_id: (port_id, host, status, migration_uuid, now, now))
         with self._writer() as conn:
             existing = set(conn.execute(_SEL_BOUND, {"b_host": host,
-                                                     "b_ports": list(port_ids)}).scalars())
+                                                     "b_ports": port_ids}).scalars())
             for port_id in port_ids:
                 if port_id not in existing:
                     conn.execute(_INS_BINDING, {
@@ -113,7 +114,7 @@ class Attachments:
                 changed += db.execute(f"DELETE FROM port_bindings WHERE host != ? AND port_id "
                                       f"IN ({marks})", (host, *port_ids)).rowcount
             return changed
-        where = {"b_host": host, "b_ports": list(port_ids)}
+        where = {"b_host": host, "b_ports": port_ids}
         with self._writer() as conn:
             changed = conn.execute(_ACTIVATE_BINDINGS, dict(
                 where, status="ACTIVE", updated_at=_now())).rowcount
@@ -143,15 +144,14 @@ class Attachments:
         raw = self._raw_writer()
         if raw is not None:  # the same, straight on SQLite
             with raw as db:
-                existing = _raw_found(db, "volume_id", "volume_connections", host, volume_ids)
-                db.executemany(_RAW_INS_CONNECTION, [
-                    (volume_id, instance_uuid, host, migration_uuid,
-                     _connection_info(volume_id, host), now, now)
-                    for volume_id in volume_ids if volume_id not in existing])
-            return len(set(volume_ids) - existing)
+                return _raw_add_missing(
+                    db, "volume_connections", "volume_id", host, volume_ids,
+                    _RAW_INS_CONNECTION, lambda volume_id: (
+                        volume_id, instance_uuid, host, migration_uuid,
+                        _connection_info(volume_id, host), now, now))
         with self._writer() as conn:
             existing = set(conn.execute(_SEL_CONNECTED, {
-                "b_host": host, "b_volumes": list(volume_ids)}).scalars())
+                "b_host": host, "b_volumes": volume_ids}).scalars())
             for volume_id in volume_ids:
                 if volume_id not in existing:
                     conn.execute(_INS_CONNECTION, {
@@ -171,4 +171,4 @@ class Attachments:
                     f"({', '.join('?' * len(volume_ids))})", (host, *volume_ids)).rowcount
         with self._writer() as conn:
             return conn.execute(_DEL_CONNECTIONS, {"b_host": host,
-                                                   "b_volumes": list(volume_ids)}).rowcount
+                                                   "b_volumes": volume_ids}).rowcount

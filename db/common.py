@@ -27,6 +27,13 @@ def row(result_row):
     return dict(result_row._mapping) if result_row is not None else None
 
 
-def raw_sets(values):
-    """The SET clause of a SQLite UPDATE of ``values``' keys (``?`` each)."""
-    return ", ".join(f"{name} = ?" for name in values)
+def raw_update(table, key_column, key, values, column=None, among=()):
+    """(SQLite's UPDATE ``table`` SET ``values`` WHERE ``key_column`` =
+    ``key`` [AND ``column`` IN ``among``], its parameters)."""
+    sql = (f"UPDATE {table} SET {', '.join(f'{name} = ?' for name in values)} "
+           f"WHERE {key_column} = ?")
+    params = [*values.values(), key]
+    if column is not None:
+        sql += f" AND {column} IN ({', '.join('?' * len(among))})"
+        params += among
+    return sql, params

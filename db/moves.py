@@ -7,7 +7,7 @@ import sqlalchemy as sa
 
 from migrateflow import exceptions as exc
 from migrateflow.db import models as m
-from migrateflow.db.common import now as _now, raw_sets, retry as _retry
+from migrateflow.db.common import now as _now, raw_update, retry as _retry
 
 _MIG = m.migrations.c
 _SEL_MIGRATION = m.migrations.select().where(_MIG.uuid == sa.bindparam("key"))
@@ -165,14 +165,11 @@ class MigrationRecords:
         raw = self._raw_instance_writer([(m.migrations, mig_values),
                                          (m.instances, inst_values)])
         if raw is not None:  # the same, straight on SQLite
-            statuses = list(expected_statuses)
             with raw as db:
-                if db.execute(f"UPDATE migrations SET {raw_sets(mig_values)} WHERE uuid = ? "
-                              f"AND status IN ({', '.join('?' * len(statuses))})",
-                              (*mig_values.values(), migration_uuid, *statuses)).rowcount != 1:
+                if db.execute(*raw_update("migrations", "uuid", migration_uuid, mig_values,
+                                          "status", list(expected_statuses))).rowcount != 1:
                     return False
-                db.execute(f"UPDATE instances SET {raw_sets(inst_values)} WHERE uuid = ?",
-                           (*inst_values.values(), instance_uuid))
+                db.execute(*raw_update("instances", "uuid", instance_uuid, inst_values))
             return True
         with self._writer() as conn:
             res = conn.execute(_UPD_MIGRATION_FROM, dict(
@@ -262,9 +259,8 @@ class MigrationRecords:
         raw = self._raw_instance_writer([(m.instances, inst_values)])
         if raw is not None:  # the same, straight on SQLite
             with raw as db:
-                if db.execute(f"UPDATE instances SET {raw_sets(inst_values)} WHERE uuid = ? "
-                              "AND host = ?", (*inst_values.values(), instance_uuid, source)
-                              ).rowcount != 1:
+                if db.execute(*raw_update("instances", "uuid", instance_uuid, inst_values,
+                                          "host", [source])).rowcount != 1:
                     return False
                 memory, vcpus, disk, volume_backed = db.execute(
                     "SELECT memory_mb, vcpus, disk_gb, volume_backed FROM instances "

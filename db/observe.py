@@ -34,15 +34,11 @@ def watch():
     event.listen(sa.pool.Pool, "checkin", _checkin)
 
 
-def _selected():
-    from migrateflow import notifications  # notifications reads configuration
-    return notifications.state_change_selected() is not None
-
-
 def announcing():
     """True when instance state changes are announced: then they must go
     through SQLAlchemy's engine, whose events are watched here."""
-    return _selected()
+    from migrateflow import notifications  # notifications reads configuration
+    return notifications.state_change_selected() is not None
 
 
 def _states(conn, where, param_sets=({},)):
@@ -60,7 +56,7 @@ def _before(conn, clauseelement, multiparams, params, execution_options):
     if conn.invalidated:
         return
     if isinstance(clauseelement, dml.Update) and clauseelement.table is m.instances \
-            and _selected():
+            and announcing():
         param_sets = [params] if params else [p for p in multiparams if isinstance(p, dict)]
         conn.info[_BEFORE] = _states(conn, clauseelement.whereclause, param_sets or [{}])
 
