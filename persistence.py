@@ -29,18 +29,10 @@ from migrateflow.db.sqlite import SQLITE_BEGIN_OPTION, tune_sqlite_engine  # noq
 # the tables and create_schema are this module's API too
 from migrateflow.persistence_schema import (  # noqa: F401
     ATOMDETAILS, FLOWDETAILS, LOGBOOKS, METADATA, create_schema)
-from migrateflow.persistence_schema import AD as _AD, FD as _FD, LB as _LB
-from migrateflow.persistence_schema import DEL_BOOK as _DEL_BOOK
-from migrateflow.persistence_schema import INS_AD as _INS_AD, INS_FD as _INS_FD, INS_LB as _INS_LB
-from migrateflow.persistence_schema import SEL_AD as _SEL_AD, SEL_ADS as _SEL_ADS
-from migrateflow.persistence_schema import SEL_AD_BY_FD as _SEL_AD_BY_FD
-from migrateflow.persistence_schema import SEL_AD_BY_LB as _SEL_AD_BY_LB
-from migrateflow.persistence_schema import SEL_FD as _SEL_FD, SEL_FDS as _SEL_FDS
-from migrateflow.persistence_schema import SEL_FD_BY_LB as _SEL_FD_BY_LB, SEL_LB as _SEL_LB
-from migrateflow.persistence_schema import UPD_AD as _UPD_AD, UPD_FD as _UPD_FD
-from migrateflow.persistence_schema import UPD_LB as _UPD_LB
-from migrateflow.persistence_schema import atom_from as _atom_from, book_from as _book_from
-from migrateflow.persistence_schema import encode as _encode, now as _now
+from migrateflow.persistence_schema import (
+    AD, DEL_BOOK, FD, INS_AD, INS_FD, INS_LB, LB, SEL_AD, SEL_ADS, SEL_AD_BY_FD, SEL_AD_BY_LB,
+    SEL_FD, SEL_FDS, SEL_FD_BY_LB, SEL_LB, UPD_AD, UPD_FD, UPD_LB, atom_from, book_from, encode,
+    now as _now)
 
 try:
     from oslo_db import exception as _db_exc
@@ -61,16 +53,16 @@ def _save_new_book(engine, book):
         if db.execute("SELECT 1 FROM tf_logbooks WHERE uuid = ?", (book.uuid,)).fetchone():
             return False
         db.execute("INSERT INTO tf_logbooks (uuid, name, updated_at, data) VALUES (?, ?, ?, ?)",
-                   (book.uuid, book.name, now, _encode(book.to_dict(marshal_time=True))))
+                   (book.uuid, book.name, now, encode(book.to_dict(marshal_time=True))))
         for fd in book:
             db.execute("INSERT INTO tf_flowdetails (uuid, name, parent_uuid, state, updated_at, "
                        "data) VALUES (?, ?, ?, ?, ?, ?)",
-                       (fd.uuid, fd.name, book.uuid, fd.state, now, _encode(fd.to_dict())))
+                       (fd.uuid, fd.name, book.uuid, fd.state, now, encode(fd.to_dict())))
             db.executemany(
                 "INSERT INTO tf_atomdetails (uuid, name, parent_uuid, state, atom_type, "
                 "updated_at, data) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(ad.uuid, ad.name, fd.uuid, ad.state, models.atom_detail_type(ad), now,
-                  _encode(ad.to_dict())) for ad in fd])
+                  encode(ad.to_dict())) for ad in fd])
     return True
 
 
@@ -113,7 +105,7 @@ class SQLBackend(base.Backend):
         # cache lookup halves SQLAlchemy's cost of the statement
         self._upd_ad, self._upd_fd = (
             (compiled.string, compiled.positiontup, engine.dialect.name == "sqlite")
-            for compiled in (stmt.compile(dialect=engine.dialect) for stmt in (_UPD_AD, _UPD_FD)))
+            for compiled in (stmt.compile(dialect=engine.dialect) for stmt in (UPD_AD, UPD_FD)))
 
     @classmethod
     def from_url(cls, url, sqlite_synchronous="NORMAL", **engine_kwargs):
@@ -200,14 +192,14 @@ class Connection(base.Connection):
 
     def clear_all(self):
         self._run(True, "clearing all", lambda conn: [
-            conn.execute(table.delete()) for table in (_AD, _FD, _LB)])
+            conn.execute(table.delete()) for table in (AD, FD, LB)])
 
     def update_atom_details(self, atom_detail):
         ad, (sql, order, on_sqlite) = atom_detail, self._backend._upd_ad
         now = _now()
         try:
             row = {"b_uuid": ad.uuid, "b_type": models.atom_detail_type(ad),
-                   "state": ad.state, "data": _encode(ad.to_dict()),
+                   "state": ad.state, "data": encode(ad.to_dict()),
                    # as SQLAlchemy's SQLite DateTime would bind it
                    "updated_at": now.isoformat(" ", "microseconds")
                    if on_sqlite else now}
@@ -223,7 +215,7 @@ class Connection(base.Connection):
 
         def update(conn):  # elsewhere, or nothing updated: say why
             if conn.exec_driver_sql(sql, params).rowcount == 0:
-                found = _one(conn, _SEL_AD, ad.uuid, "atom details")
+                found = _one(conn, SEL_AD, ad.uuid, "atom details")
                 raise exc.NotImplementedError("Atom '%s' is stored as %s"
                                               % (ad.uuid, found.atom_type))
         self._run(True, what, update)
@@ -232,24 +224,24 @@ class Connection(base.Connection):
     def _save_flow(self, conn, fd, parent_uuid, now, new=False,
                    must_exist=True):
         """Upsert a flow row and its atoms; return the merged flow detail."""
-        row = {"state": fd.state, "data": _encode(fd.to_dict()),
+        row = {"state": fd.state, "data": encode(fd.to_dict()),
                "updated_at": now, "b_uuid": fd.uuid}
         stored = {}
-        if not new and conn.execute(_UPD_FD, row).rowcount:
+        if not new and conn.execute(UPD_FD, row).rowcount:
             stored = {r.uuid: (r.atom_type, r.data)
-                      for r in conn.execute(_SEL_AD_BY_FD, {"u": fd.uuid})}
+                      for r in conn.execute(SEL_AD_BY_FD, {"u": fd.uuid})}
         elif must_exist and not new:
             raise exc.NotFound("No flow details found with uuid '%s'" % fd.uuid)
         else:
             del row["b_uuid"]
-            conn.execute(_INS_FD, dict(row, uuid=fd.uuid, name=fd.name,
+            conn.execute(INS_FD, dict(row, uuid=fd.uuid, name=fd.name,
                                        parent_uuid=parent_uuid))
         merged = models.FlowDetail(fd.name, fd.uuid)
         merged.state, merged.meta = fd.state, fd.meta
         inserts, updates = [], []
         for ad in fd:
             arow = {"state": ad.state, "updated_at": now,
-                    "data": _encode(ad.to_dict())}
+                    "data": encode(ad.to_dict())}
             atom_type, old = models.atom_detail_type(ad), stored.pop(ad.uuid,
                                                                      None)
             if old is None:
@@ -262,11 +254,11 @@ class Connection(base.Connection):
                 updates.append(dict(arow, b_uuid=ad.uuid, b_type=atom_type))
             merged.add(ad)  # identity kept: Storage.inject relies on it
         for atom_type, data in stored.values():
-            merged.add(_atom_from(atom_type, data))
+            merged.add(atom_from(atom_type, data))
         if inserts:
-            conn.execute(_INS_AD, inserts)
+            conn.execute(INS_AD, inserts)
         if updates:
-            conn.execute(_UPD_AD, updates)
+            conn.execute(UPD_AD, updates)
         return merged
 
     def update_flow_row(self, flow_detail):
@@ -275,7 +267,7 @@ class Connection(base.Connection):
         part of TaskFlow's connection API (see ``serial_storage.Storage``)."""
         fd, (sql, order, on_sqlite) = flow_detail, self._backend._upd_fd
         now = _now()
-        row = {"state": fd.state, "data": _encode(fd.to_dict()), "updated_at": now,
+        row = {"state": fd.state, "data": encode(fd.to_dict()), "updated_at": now,
                "b_uuid": fd.uuid}
         what = "updating flow details '%s'" % fd.uuid
         if on_sqlite and self._retrying(what, lambda: sqlite.execute_raw(
@@ -285,7 +277,7 @@ class Connection(base.Connection):
             return  # as the atoms' updates: straight on SQLite
 
         def update(conn):  # elsewhere, or nothing updated: say why
-            if not conn.execute(_UPD_FD, row).rowcount:
+            if not conn.execute(UPD_FD, row).rowcount:
                 raise exc.NotFound("No flow details found with uuid '%s'" % fd.uuid)
         self._run(True, what, update)
 
@@ -302,18 +294,18 @@ class Connection(base.Connection):
 
         def save(conn):
             now = _now()
-            row = conn.execute(_SEL_LB, {"u": book.uuid}).first()
+            row = conn.execute(SEL_LB, {"u": book.uuid}).first()
             if row is None:
-                conn.execute(_INS_LB, {
+                conn.execute(INS_LB, {
                     "uuid": book.uuid, "name": book.name, "updated_at": now,
-                    "data": _encode(book.to_dict(marshal_time=True))})
+                    "data": encode(book.to_dict(marshal_time=True))})
                 for fd in book:
                     self._save_flow(conn, fd, book.uuid, now, new=True)
                 return book
-            e_lb = _book_from(row.data).merge(book)
-            conn.execute(_UPD_LB, {
+            e_lb = book_from(row.data).merge(book)
+            conn.execute(UPD_LB, {
                 "b_uuid": book.uuid, "updated_at": now,
-                "data": _encode(e_lb.to_dict(marshal_time=True))})
+                "data": encode(e_lb.to_dict(marshal_time=True))})
             self._populate(conn, {e_lb.uuid: e_lb}, e_lb.uuid)
             for fd in book:
                 e_lb.add(self._save_flow(conn, fd, book.uuid, now,
@@ -324,7 +316,7 @@ class Connection(base.Connection):
 
     def destroy_logbook(self, book_uuid):
         def destroy(conn):
-            for stmt in _DEL_BOOK:
+            for stmt in DEL_BOOK:
                 deleted = conn.execute(stmt, {"u": book_uuid}).rowcount
             if not deleted:
                 raise exc.NotFound("No logbook found with uuid '%s'" % book_uuid)
@@ -338,7 +330,7 @@ class Connection(base.Connection):
         stamps = {u: b.updated_at for u, b in books.items()}
         flows = {}
         for parent_uuid, data in conn.execute(
-                _SEL_FD_BY_LB if one else _SEL_FDS, {"u": book_uuid}):
+                SEL_FD_BY_LB if one else SEL_FDS, {"u": book_uuid}):
             if parent_uuid in books:
                 fd = models.FlowDetail.from_dict(json.loads(data))
                 flows[fd.uuid] = fd
@@ -347,14 +339,14 @@ class Connection(base.Connection):
             books[u].updated_at = stamp
         if flows and not lazy:
             for _, parent_uuid, atom_type, data in conn.execute(
-                    _SEL_AD_BY_LB if one else _SEL_ADS, {"u": book_uuid}):
+                    SEL_AD_BY_LB if one else SEL_ADS, {"u": book_uuid}):
                 if parent_uuid in flows:
-                    flows[parent_uuid].add(_atom_from(atom_type, data))
+                    flows[parent_uuid].add(atom_from(atom_type, data))
         return list(flows.values())
 
     def get_logbook(self, book_uuid, lazy=False):
         def get(conn):
-            book = _book_from(_one(conn, _SEL_LB, book_uuid, "logbook").data)
+            book = book_from(_one(conn, SEL_LB, book_uuid, "logbook").data)
             if not lazy:
                 self._populate(conn, {book_uuid: book}, book_uuid)
             return book
@@ -362,8 +354,8 @@ class Connection(base.Connection):
 
     def get_logbooks(self, lazy=False):
         def get(conn):
-            books = {b.uuid: b for b in map(_book_from, conn.execute(
-                sa.select(_LB.c.data)).scalars())}
+            books = {b.uuid: b for b in map(book_from, conn.execute(
+                sa.select(LB.c.data)).scalars())}
             if books and not lazy:
                 self._populate(conn, books)
             return list(books.values())
@@ -374,31 +366,31 @@ class Connection(base.Connection):
             holder = models.LogBook("holder", uuid=book_uuid)
             flows = self._populate(conn, {book_uuid: holder}, book_uuid, lazy)
             if not flows:
-                _one(conn, _SEL_LB, book_uuid, "logbook")
+                _one(conn, SEL_LB, book_uuid, "logbook")
             return flows
         return self._run(False, "getting flows of '%s'" % book_uuid, get)
 
     def get_flow_details(self, fd_uuid, lazy=False):
         def get(conn):
-            row = _one(conn, _SEL_FD, fd_uuid, "flow details")
+            row = _one(conn, SEL_FD, fd_uuid, "flow details")
             fd = models.FlowDetail.from_dict(json.loads(row.data))
             if not lazy:
-                for r in conn.execute(_SEL_AD_BY_FD, {"u": fd_uuid}):
-                    fd.add(_atom_from(r.atom_type, r.data))
+                for r in conn.execute(SEL_AD_BY_FD, {"u": fd_uuid}):
+                    fd.add(atom_from(r.atom_type, r.data))
             return fd
         return self._run(False, "getting flow details '%s'" % fd_uuid, get)
 
     def get_atom_details(self, ad_uuid):
         def get(conn):
-            row = _one(conn, _SEL_AD, ad_uuid, "atom details")
-            return _atom_from(row.atom_type, row.data)
+            row = _one(conn, SEL_AD, ad_uuid, "atom details")
+            return atom_from(row.atom_type, row.data)
         return self._run(False, "getting atom details '%s'" % ad_uuid, get)
 
     def get_atoms_for_flow(self, fd_uuid):
         def get(conn):
-            atoms = [_atom_from(r.atom_type, r.data)
-                     for r in conn.execute(_SEL_AD_BY_FD, {"u": fd_uuid})]
+            atoms = [atom_from(r.atom_type, r.data)
+                     for r in conn.execute(SEL_AD_BY_FD, {"u": fd_uuid})]
             if not atoms:
-                _one(conn, _SEL_FD, fd_uuid, "flow details")
+                _one(conn, SEL_FD, fd_uuid, "flow details")
             return atoms
         return self._run(False, "getting atoms of '%s'" % fd_uuid, get)

@@ -46,12 +46,9 @@ _SCHEMA = (
     "markers (key TEXT PRIMARY KEY, value)",
 )
 TABLES = tuple(table.split()[0] for table in _SCHEMA)
-#: what get_host_info sums (every guest of a host, every file of a storage)
-#: read from the index alone, not row by row from the tables
-_INDEXES = (
-    "guests_usage ON guests (host, state, memory_mb)",
-    "files_usage ON files (location, disk_gb)",
-)
+#: get_host_info's sums (a host's guests, a storage's files) read from these alone
+_INDEXES = ("guests_usage ON guests (host, state, memory_mb)",
+            "files_usage ON files (location, disk_gb)")
 #: Connections a forked child inherited; closing them could disturb the parent.
 _INHERITED = []
 
