@@ -357,8 +357,8 @@ _INHERITED = []  # a forked child's inherited connections: the parent's, never c
 
 def _own_connection(engine, path):
     """This thread's own sqlite3 connection to ``engine``'s file, set up
-    as the engine's pool sets its connections up (``_set_up``).  A thread keeps one per engine while both
-    live; a forked child makes its own."""
+    as the engine's pool sets its connections up (``_set_up``).  A thread
+    keeps one per engine while both live; a forked child makes its own."""
     conns = getattr(_own, "conns", None)
     if conns is None or _own.pid != os.getpid():
         if conns is not None:

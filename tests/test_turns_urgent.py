@@ -108,7 +108,8 @@ def test_a_wait_first_back_gets_the_turn_before_every_waiter(turns):  # noqa: F8
     assert order == ["holder leaves", "writer back", "urgent", "other"]
 
 
-def test_a_writer_lock_got_after_a_wait_is_used_before_the_others_run(turns, tmp_path):  # noqa: F811
+def test_a_writer_lock_got_after_a_wait_is_used_before_the_others_run(
+        turns, tmp_path):  # noqa: F811
     """A thread queueing for its process's writer lock (held by a thread
     that does not take turns, like the step mirror's) runs first once it
     got it, so the threads taking turns meanwhile do not queue behind it
