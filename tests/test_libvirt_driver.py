@@ -224,6 +224,8 @@ def test_domain_xml_for_qemu(tmp_path):
     assert (root.findtext("memory"), root.find("memory").get("unit")) == ("512", "MiB")
     assert root.findtext("os/cmdline") == f"console=ttyS0 n=vm<&>1 u={INSTANCE['uuid']}"
     assert root.findtext("cpu/model") == "qemu64"
+    # ACPI (the power button; QEMU 9.0 has no -no-acpi for libvirt to pass)
+    assert [f.tag for f in root.find("features")] == ["acpi", "apic"]
     assert root.find("devices/disk/source").get("file") == store.disk(INSTANCE["uuid"])
     assert root.find("devices/serial/source").get("path") == \
         store.console_log(INSTANCE["uuid"])

@@ -28,20 +28,40 @@ sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Pyth
 # private libvirtd daemons and QEMU; its guest is built with a static C
 # program, cpio and Debian's kernel package (apt-get download needs the
 # package lists).
-command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+# QEMU 9.0 or newer: before it, TCG's dirty-page tracking misses stores
+# made through the TCG TLB after each pass of a live migration's copy (fixed
+# upstream in 9.0: "system/physmem: Fix migration dirty bitmap coherency with
+# TCG memory access"), so a guest moved by a long copy arrives with stale
+# memory and crashes.  Debian 12 has 7.2; its bookworm-backports has 10.
+qemu=()
+qemu_major=$(qemu-system-x86_64 --version 2>/dev/null \
+  | sed -n 's/^QEMU emulator version \([0-9]*\)\..*/\1/p')
+if [ "${qemu_major:-0}" -lt 9 ]; then
+  qemu=(qemu-system-x86)
+  if grep -qx 'VERSION_CODENAME=bookworm' /etc/os-release 2>/dev/null; then
+    qemu=(-t bookworm-backports qemu-system-x86)
+    grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/ \
+      || printf '%s\n' 'Types: deb' 'URIs: http://deb.debian.org/debian' \
+        'Suites: bookworm-backports' 'Components: main' \
+        'Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg' \
+        > /etc/apt/sources.list.d/bookworm-backports.sources
+  fi
+fi
 [ -x /usr/sbin/libvirtd ] || need+=(libvirt-daemon-system)
 command -v virsh >/dev/null || need+=(libvirt-clients)
 [ -f "$(gcc -print-file-name=libc.a 2>/dev/null)" ] || need+=(libc6-dev)
 command -v cpio >/dev/null || need+=(cpio)
 update=
 apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1 || update=1
-if [ ${#need[@]} -gt 0 ] || [ -n "$update" ]; then
+if [ ${#need[@]} -gt 0 ] || [ ${#qemu[@]} -gt 0 ] || [ -n "$update" ]; then
   apt-get -o DPkg::Lock::Timeout=120 update -qq
 fi
-if [ ${#need[@]} -gt 0 ]; then
+install() {
   DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=120 install \
-    -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+    -y -qq --no-install-recommends "$@" >/dev/null
+}
+[ ${#need[@]} -eq 0 ] || install "${need[@]}"
+[ ${#qemu[@]} -eq 0 ] || install "${qemu[@]}"   # apart: only QEMU from backports
 
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test,sql-servers]'

@@ -128,6 +128,12 @@ def domain_xml(settings, domain_type, instance, storage):
             ET.SubElement(os_el, "initrd").text = settings.guest_initrd
         cmdline = settings.guest_cmdline.replace("{name}", instance["name"])
         ET.SubElement(os_el, "cmdline").text = cmdline.replace("{uuid}", uuid)
+    if domain_type != "test":
+        # ACPI: the guest's power button (a clean shutdown) and, from QEMU
+        # 9.0 on, no -no-acpi for libvirt to pass (QEMU removed it)
+        features = ET.SubElement(dom, "features")
+        ET.SubElement(features, "acpi")
+        ET.SubElement(features, "apic")
     _cpu(dom, settings, domain_type)
     ET.SubElement(dom, "on_reboot").text = "restart"
     devices = ET.SubElement(dom, "devices")

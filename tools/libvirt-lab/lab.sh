@@ -20,8 +20,10 @@
 #       Destroy and undefine every domain of NAME (QEMU outlives libvirtd),
 #       then stop its libvirtd by pid; any QEMU left is stopped by pid too.
 #
-# Needs: qemu-system-x86 libvirt-daemon-system libvirt-clients gcc libc6-dev
-# cpio (tools/test-all.sh installs them).
+# Needs: qemu-system-x86 (QEMU 9.0 or newer: 7.2's TCG loses guest writes
+# during a live migration's copy; bookworm-backports has 10 for Debian 12)
+# libvirt-daemon-system libvirt-clients gcc libc6-dev cpio (tools/test-all.sh
+# installs them).
 set -euo pipefail
 export PATH="$PATH:/usr/sbin:/sbin"   # libvirtd
 
