@@ -48,6 +48,16 @@ def ticks(console):
     return int(found[-1]) if found else 0
 
 
+def boots(console):
+    """How many times the guest booted on this console ("GUEST UP"): a
+    guest that crashed on arrival (panic=-1) boots again and ticks anew."""
+    try:
+        with open(console, errors="replace") as f:
+            return f.read().count("GUEST UP")
+    except FileNotFoundError:
+        return 0
+
+
 def wait_for_ticks(console, above, timeout=BOOT_TIMEOUT_S, diagnose=None):
     """The guest's last tick once above ``above``; on timeout the failure
     shows the console's end and what ``diagnose()`` says of the guest."""
@@ -85,6 +95,7 @@ def assert_runs_on_lab_b(lab, db, uuid, still_ticking=False):
         console = lab.console(lab.shared_instances, uuid)
         wait_for_ticks(console, ticks(console), TICK_TIMEOUT_S,
                        diagnose=lambda: guest_report(lab, "lab-b", uuid))
+        assert boots(console) == 1, "the guest booted again: it crashed on lab-b"
 
 
 def guest_report(lab, host, instance_uuid):
@@ -163,8 +174,11 @@ def test_live_migration_of_an_idle_guest(lab_cloud, libvirt_lab):
     assert_runs_on_lab_b(lab, db, uuid)
     assert (mig["source_host"], mig["dest_host"]) == ("lab-a", "lab-b")
     assert mig["downtime_ms"] is not None and mig["memory_processed_mb"] > 0
-    # the same guest goes on counting on lab-b, whose console is in its own directory
-    wait_for_ticks(lab.console(lab.instances("lab-b"), uuid), before, TICK_TIMEOUT_S)
+    # the same guest goes on counting on lab-b, whose console is in its own
+    # directory (a new file: it has not booted there)
+    console = lab.console(lab.instances("lab-b"), uuid)
+    wait_for_ticks(console, before, TICK_TIMEOUT_S)
+    assert boots(console) == 0, "the guest booted again: it crashed on lab-b"
     assert not os.path.exists(os.path.join(lab.instances("lab-a"), uuid))
 
 
@@ -226,6 +240,7 @@ def test_abort_of_a_copy_that_cannot_converge(slow_shared_copy, libvirt_lab):
     console = lab.console(lab.shared_instances, uuid)
     wait_for_ticks(console, ticks(console), TICK_TIMEOUT_S,
                    diagnose=lambda: guest_report(lab, "lab-a", uuid))
+    assert boots(console) == 1, "the guest booted again after the abort"
 
 
 def test_force_complete_switches_to_post_copy(slow_shared_copy, libvirt_lab, lab_conf):
@@ -417,6 +432,27 @@ def kill_controller_mid_copy(lab_conf, lab, db, instance_uuid, log_path, above_m
     return killed
 
 
+def test_a_capped_copy_of_many_passes_delivers_the_guest_whole(slow_shared_copy, libvirt_lab,
+                                                               lab_conf):
+    """live_migration_bandwidth caps the copy of an idle guest at 4 MiB/s:
+    it takes many passes over tens of seconds while the guest runs on, and
+    the guest arrives whole (it goes on ticking on lab-b, and has not
+    crashed and booted again)."""
+    db, driver, client = slow_shared_copy
+    lab = libvirt_lab
+    lab_conf.set_override("live_migration_bandwidth", 4, "migration")
+    uuid = boot_instance(db, driver, lab, lab.shared_instances, "capped-1")["uuid"]
+
+    started = time.monotonic()
+    final = client.live_migrate(uuid, host="lab-b")
+    took = time.monotonic() - started
+
+    assert final["status"] == "completed", final["error"]
+    assert final["iteration"] >= 2 and took > 8, (final["iteration"], took)
+    assert final["memory_processed_mb"] <= 4 * took * 1.25, (final, took)
+    assert_runs_on_lab_b(lab, db, uuid, still_ticking=True)
+
+
 def test_controller_killed_mid_copy_is_resumed_and_finishes(slow_shared_copy, libvirt_lab,
                                                             lab_conf, tmp_path):
     """A controller process starts the (peer-to-peer) copy of an idle guest
@@ -493,6 +529,7 @@ def test_operator_abort_of_a_copy_whose_controller_died(slow_shared_copy, libvir
     console = lab.console(lab.shared_instances, uuid)
     wait_for_ticks(console, ticks(console), TICK_TIMEOUT_S,
                    diagnose=lambda: guest_report(lab, "lab-a", uuid))
+    assert boots(console) == 1, "the guest booted again after the abort"
 
 
 def wait_for_copy(db, instance_uuid, child, above_mb, timeout=90):
