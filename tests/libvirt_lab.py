@@ -13,6 +13,9 @@ as the plugin ``libvirt_lab``; the lab itself is tools/libvirt-lab/lab.sh).
 - ``lab_conf``: the ``conf`` fixture with ``compute_driver = libvirt`` on the
   lab (each host's instances in ``<lab>/instances/<host>``, TCG guests);
   every guest is destroyed and every instance file removed after the test.
+- ``lab_cloud``: (state database, driver, MigrationAPI) on ``lab_conf``;
+  ``slow_shared_copy``: the same with both hosts recorded on one shared
+  instances directory and copies capped at 10 MiB/s.
 """
 import atexit
 import dataclasses
@@ -27,6 +30,8 @@ import uuid
 import pytest
 
 import servers
+from migrateflow import api, cloud, drivers
+from migrateflow.db import api as db_api
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAB_SCRIPT = os.path.join(ROOT, "tools", "libvirt-lab", "lab.sh")
@@ -175,3 +180,38 @@ def lab_conf(conf, libvirt_lab):
     lab.destroy_all()
     for path in (os.path.join(lab.path, "instances"), lab.shared_instances):
         shutil.rmtree(path, ignore_errors=True)
+
+
+def add_lab_hosts(db, driver, shared_storage=None):
+    """Host rows as a cloud would record them: the hypervisors' own facts."""
+    for name in HOSTS:
+        cloud.record_host(db, driver, name, vcpus=8, shared_storage=shared_storage)
+
+
+@pytest.fixture
+def lab_cloud(lab_conf, libvirt_lab):
+    db = db_api.get_db(lab_conf)
+    driver = drivers.get_driver(lab_conf)
+    return db, driver, api.MigrationAPI(lab_conf)
+
+
+@pytest.fixture
+def slow_shared_copy(lab_cloud, libvirt_lab, lab_conf):
+    """Both hosts on one (shared) instances directory, copies capped at
+    10 MiB/s: a guest dirtying 64 MiB without pause never converges."""
+    overrides = [
+        ("instances_path", libvirt_lab.shared_instances, "libvirt"),
+        # a local directory both daemons see: libvirt cannot tell it is shared
+        ("live_migration_flag", ["VIR_MIGRATE_LIVE", "VIR_MIGRATE_PEER2PEER",
+                                 "VIR_MIGRATE_PERSIST_DEST", "VIR_MIGRATE_UNDEFINE_SOURCE",
+                                 "VIR_MIGRATE_UNSAFE"], "libvirt"),
+        ("live_migration_bandwidth", 10, "migration"),
+    ]
+    for name, value, group in overrides:
+        lab_conf.set_override(name, value, group)
+    db, _driver, client = lab_cloud
+    driver = drivers.get_driver(lab_conf)
+    add_lab_hosts(db, driver, shared_storage="lab-shared")
+    yield db, driver, client
+    for name, _value, group in overrides:
+        lab_conf.clear_override(name, group)

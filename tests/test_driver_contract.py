@@ -102,7 +102,7 @@ class LibvirtTestHarness:
 
     The test driver cannot migrate (migrate*, jobStats, abortJob) nor compare
     CPUs (compareCPU), and its host CPU is fixed: those parts are skipped
-    here and run by the lab tests (tests/test_libvirt_lab.py).
+    here and run by the lab tests (tests/test_libvirt_lab*.py).
     """
 
     UNSUPPORTED = {
